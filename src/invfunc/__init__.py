@@ -1,0 +1,30 @@
+"""invfunc: invertible functions for PyTorch that train in activation memory flat in depth.
+
+Pair a pure function with its inverse (:func:`invertible`), compose with
+:func:`chain` and :func:`couple`, and run memory-efficiently with
+:func:`invertible_call`.
+"""
+
+from ._autograd import explain
+from ._call import invertible_call
+from ._combinators import chain, couple
+from ._core import Invertible, inverse, invertible
+from ._errors import FreedTensorError, InvfuncError
+from ._modes import MODES, current_mode, mode
+
+__all__ = [
+    "Invertible",
+    "invertible",
+    "inverse",
+    "chain",
+    "couple",
+    "invertible_call",
+    "mode",
+    "current_mode",
+    "MODES",
+    "explain",
+    "InvfuncError",
+    "FreedTensorError",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,494 @@
+"""The one autograd.Function: a block applied with its inputs freed and rebuilt.
+
+NOTE [One Function per block]
+
+:func:`invfunc.invertible_call` applies :class:`_BlockFunction` once per block of
+the composite (a chain is its blocks in a row). Each application
+
+1. runs the block once under ``no_grad`` while a :class:`~invfunc._replay.Tracer`
+   records the external tensors it reads (NOTE [Recording and replaying a block]);
+   if nothing requires grad the result is returned as is: a plain call;
+2. passes data inputs, parameters and captured tensors to ``apply`` so autograd
+   routes a gradient to every one of them (``backward`` and ``autograd.grad``
+   alike); the forward returns the outputs computed in step 1 (under ``torch.func``
+   it recomputes them on the unwrapped tensors it is handed);
+3. saves only the outputs (and parameters, which cost nothing), then frees the
+   data inputs that may be freed (NOTE [Freeing rules]) — after the forward
+   succeeded, so a forward that raises frees nothing;
+4. in backward rebuilds the inputs from the outputs by the inverse, refills freed
+   storages (NOTE [Refilling without a trace]), and takes the vector-Jacobian
+   product of the block with ``torch.func.vjp``, under the forward's RNG and
+   autocast state. With ``create_graph=True`` the rebuild is recorded, so double
+   backward differentiates through it.
+
+Because every block hands its parameter gradients to autograd as soon as it is
+done, and a rebuilt tensor is held only by the saved outputs of the block before
+it, memory stays flat in depth.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+
+from ._errors import FreedTensorError, InvfuncError
+from ._replay import AutocastState, RngState, Tracer, cuda_devices
+from ._storage import Freed, StorageHandle, _rebuild_guarded, free_reason, is_freed
+
+__all__ = ["apply_block", "BlockState", "section_vjp", "explain"]
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+class BlockState:
+    """Everything a block's backward needs besides the saved tensors."""
+
+    __slots__ = (
+        "block", "name", "single", "n_out", "n_data", "param_template", "n_explicit",
+        "captured", "sections", "rng", "autocast", "updates", "update_refs", "in_meta",
+        "handles", "kept", "precomputed", "seen", "ctx_ref", "next_ref", "__weakref__",
+    )
+
+    def __init__(self, block: Any) -> None:
+        self.block = block
+        self.name: str = block._name
+        self.handles: list[StorageHandle | None] | None = None
+        self.precomputed: tuple[torch.Tensor, ...] | None = None
+        self.seen: tuple[torch.Tensor, ...] | None = None
+        self.ctx_ref: Callable[[], Any] | None = None
+        self.next_ref: Callable[[], BlockState | None] | None = None
+
+    # -- helpers used by blocks' backward -----------------------------------------
+    def replay_rng(self, section: str) -> Any:
+        if self.rng is None:
+            return nullcontext()
+        return self.rng[section].replay()
+
+    def tracer(self, captured_now: Sequence[torch.Tensor]) -> Tracer:
+        """A replay tracer mapping the recorded captured tensors to ``captured_now``."""
+        tr = Tracer()
+        tr.start_replay({id(o): n for o, n in zip(self.captured, captured_now) if o is not n})
+        tr.updates = self.updates
+        return tr
+
+    def merge_params(self, explicit: Sequence[torch.Tensor]) -> list[Any]:
+        it = iter(explicit)
+        return [next(it) if p is None else p for p in self.param_template]
+
+    def check_rebuilt(self, rebuilt: Any) -> tuple[torch.Tensor, ...]:
+        got = (rebuilt,) if isinstance(rebuilt, torch.Tensor) else rebuilt
+        if not isinstance(got, (tuple, list)) or len(got) != len(self.in_meta):
+            raise InvfuncError(
+                f"invfunc.invertible_call({self.name}) backward: the inverse returned "
+                f"{_describe(rebuilt)} but the block has {len(self.in_meta)} data input(s); "
+                "make the inverse return one tensor per data input, in order."
+            )
+        for i, (t, (shape, dtype)) in enumerate(zip(got, self.in_meta)):
+            if not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype != dtype:
+                raise InvfuncError(
+                    f"invfunc.invertible_call({self.name}) backward: the inverse rebuilt input {i} as "
+                    f"{_describe(t)}, but the forward received shape {tuple(shape)} and dtype {dtype}; "
+                    "check that the inverse really inverts the function."
+                )
+        return tuple(got)
+
+    def restore_guards(self) -> None:
+        """Finish refills written in place through :meth:`StorageHandle.view`."""
+        for h in self.handles or ():
+            if h is not None:
+                h.refill()
+
+    def refill(self, rebuilt: Sequence[torch.Tensor]) -> None:
+        if self.handles is None:
+            return
+        done: set[int] = set()
+        for h, t in zip(self.handles, rebuilt):
+            if h is not None and id(h) not in done:
+                done.add(id(h))
+                if h.freed:
+                    h.refill(t.detach())
+                else:
+                    h.refill()
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} of {len(x)}"
+    return f"a {type(x).__name__}"
+
+
+def _fast_path(*tensors: torch.Tensor) -> bool:
+    """True when backward needs no graph of its own: out= writes are allowed."""
+    return not torch.is_grad_enabled() and not any(_is_wrapped(t) for t in tensors)
+
+
+def section_vjp(
+    state: BlockState,
+    fn: Callable[..., Any],
+    section: str,
+    x: torch.Tensor,
+    captured_now: Sequence[torch.Tensor],
+    needs: Sequence[bool],
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], tuple[torch.Tensor | None, list[tuple[int, torch.Tensor]]]]]:
+    """``fn(x)`` and its VJP over ``x`` and the captured tensors ``fn`` reads.
+
+    Returns the output and a function mapping a cotangent to (grad of x, [(index of
+    captured tensor, grad)]). Used by couplings to evaluate F and G once each.
+    """
+    idx = [i for i in state.sections.get(section, ()) if needs[i]]
+
+    def pure(xx: torch.Tensor, *caps: torch.Tensor) -> torch.Tensor:
+        now = list(captured_now)
+        for i, c in zip(idx, caps):
+            now[i] = c
+        with state.tracer(now):
+            return fn(xx)  # type: ignore[no-any-return]
+
+    with state.replay_rng(section):
+        out, vjp_fn = torch.func.vjp(pure, x, *[captured_now[i] for i in idx])
+
+    def pullback(g: torch.Tensor) -> tuple[torch.Tensor | None, list[tuple[int, torch.Tensor]]]:
+        grads = vjp_fn(g)
+        return grads[0], list(zip(idx, grads[1:]))
+
+    return out, pullback
+
+
+class _BlockFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(state: BlockState, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        pre, seen = state.precomputed, state.seen
+        state.precomputed = state.seen = None
+        if pre is not None and seen is not None and all(a is b for a, b in zip(tensors, seen)):
+            return pre
+        # Under torch.func the forward receives unwrapped tensors: recompute on them.
+        n_data, n_exp = state.n_data, state.n_explicit
+        data = tensors[:n_data]
+        explicit = tensors[n_data:n_data + n_exp]
+        tr = state.tracer(tensors[n_data + n_exp:])
+        with state.replay_rng(state.block._sections[0]) if state.rng else nullcontext(), tr:
+            out = state.block._fn(*data, *state.merge_params(explicit))
+        outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+        return tuple(o if o is not None else o for o in outs)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+        state: BlockState = inputs[0]
+        tensors = inputs[1:]
+        params = tensors[state.n_data:]
+        if state.kept:
+            ctx.save_for_backward(*output, *params, *tensors[: state.n_data])
+        else:
+            ctx.save_for_backward(*output, *params)
+        ctx.state = state
+        state.ctx_ref = weakref.ref(ctx)
+        nondiff = [o for o in output if not (o.is_floating_point() or o.is_complex())]
+        if nondiff:
+            ctx.mark_non_differentiable(*nondiff)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        state: BlockState = ctx.state
+        saved = _saved_tensors(ctx, state)
+        try:
+            result = _block_backward(state, saved, grads, ctx.needs_input_grad[1:])
+        finally:
+            state.handles = None  # NOTE [One Function per block]: rebuilt tensors go with the saved outputs
+        return (None, *result)
+
+
+_BlockFunction._backward_cls._invfunc_saves_outputs = True  # type: ignore[attr-defined]
+
+
+def _saved_tensors(ctx: Any, state: BlockState) -> tuple[torch.Tensor, ...]:
+    try:
+        return ctx.saved_tensors  # type: ignore[no-any-return]
+    except RuntimeError as e:
+        if "modified by an inplace operation" in str(e):
+            raise InvfuncError(
+                f"invfunc.invertible_call({state.name}) backward: an output or a parameter of the block "
+                "was modified in place between the forward and the backward (for example "
+                "optimizer.step() or an in-place edit before loss.backward()). Rebuilding the inputs "
+                "from modified values would give wrong gradients; run the backward first, or clone "
+                f"before editing. PyTorch said: {e}"
+            ) from e
+        raise
+
+
+def _block_backward(
+    state: BlockState,
+    saved: tuple[torch.Tensor, ...],
+    grads: Sequence[torch.Tensor],
+    needs: Sequence[bool],
+) -> list[torch.Tensor | None]:
+    n_out, n_data, n_exp = state.n_out, state.n_data, state.n_explicit
+    n_cap = len(state.captured)
+    outs = saved[:n_out]
+    explicit = saved[n_out:n_out + n_exp]
+    captured = saved[n_out + n_exp:n_out + n_exp + n_cap]
+    kept = saved[n_out + n_exp + n_cap:] if state.kept else None
+    block = state.block
+    with state.autocast.replay():
+        fused = getattr(block, "_fused_backward", None)
+        if kept is None and fused is not None:
+            return fused(state, outs, grads, explicit, captured, needs)  # type: ignore[no-any-return]
+        if kept is not None:
+            data = kept
+        else:
+            data = rebuild(state, outs, explicit, captured)
+        return _generic_vjp(state, data, explicit, captured, grads, needs)
+
+
+def rebuild(
+    state: BlockState,
+    outs: Sequence[torch.Tensor],
+    explicit: Sequence[torch.Tensor],
+    captured: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, ...]:
+    """The block's inputs rebuilt by its inverse; freed storages are refilled."""
+    record = torch.is_grad_enabled()
+    with torch.set_grad_enabled(record), state.replay_rng(state.block._sections[0]), state.tracer(captured):
+        got = state.block._rebuild(outs, state.merge_params(explicit))
+    data = state.check_rebuilt(got)
+    state.refill(data)
+    return data
+
+
+def _generic_vjp(
+    state: BlockState,
+    data: Sequence[torch.Tensor],
+    explicit: Sequence[torch.Tensor],
+    captured: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    needs: Sequence[bool],
+) -> list[torch.Tensor | None]:
+    values: list[torch.Tensor] = [*data, *explicit, *captured]
+    diff = [i for i, n in enumerate(needs) if n]
+    result: list[torch.Tensor | None] = [None] * len(values)
+    if not diff:
+        return result
+    n_data, n_exp = state.n_data, state.n_explicit
+    block = state.block
+
+    def pure(*diff_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        vals = list(values)
+        for i, v in zip(diff, diff_values):
+            vals[i] = v
+        with state.tracer(vals[n_data + n_exp:]):
+            out = block._fn(*vals[:n_data], *state.merge_params(vals[n_data:n_data + n_exp]))
+        return (out,) if isinstance(out, torch.Tensor) else tuple(out)
+
+    with state.replay_rng(block._sections[0]):
+        _, vjp_fn = torch.func.vjp(pure, *[values[i] for i in diff])
+    got = vjp_fn(tuple(grads))
+    for i, g in zip(diff, got):
+        result[i] = g
+    return result
+
+
+# -- applying a block -----------------------------------------------------------------
+
+class _Explain:
+    def __init__(self) -> None:
+        self.kept: list[tuple[str, int, str]] = []
+        self.freed: list[tuple[str, int, int]] = []
+
+
+_EXPLAIN: list[_Explain] = []
+
+
+@contextmanager
+def explain() -> Iterator[_Explain]:
+    """Collect, for every invertible call in the region, which inputs were freed or kept and why.
+
+    Yields an object with two lists: ``freed`` of ``(call, input index, bytes)`` and
+    ``kept`` of ``(call, input index, reason)``.
+
+    Examples:
+        >>> import torch, invfunc as inv
+        >>> block = inv.couple(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        >>> x = torch.randn(3, 4, requires_grad=True)
+        >>> with inv.explain() as report:
+        ...     y = inv.invertible_call(block, x)       # a leaf: kept
+        ...     z = inv.invertible_call(block, y * 2)   # a temporary: freed
+        >>> report.kept
+        [('couple(Linear, Linear)', 0, 'it is a leaf (user data or a parameter)')]
+        >>> report.freed
+        [('couple(Linear, Linear)', 0, 48)]
+    """
+    rep = _Explain()
+    _EXPLAIN.append(rep)
+    try:
+        yield rep
+    finally:
+        _EXPLAIN.remove(rep)
+
+
+def _materialize(state: BlockState | None) -> None:
+    """Refill ``state``'s freed inputs now, from its outputs (rebuilding those first if a
+    later block of the same chain freed them, and freeing them again after)."""
+    ctx = state.ctx_ref() if state is not None and state.ctx_ref is not None else None
+    if state is None or ctx is None or state.handles is None:
+        raise FreedTensorError(
+            "invfunc: a tensor freed by invertible_call was read after its graph was dropped; "
+            "its value is lost. Pass it in keep= (or clone it) if you need it after the call."
+        )
+    nxt = state.next_ref() if state.next_ref is not None else None
+    transient = [h for h in (nxt.handles or ()) if h is not None and h.freed] if nxt is not None else []
+    if transient:
+        _materialize(nxt)
+    try:
+        saved = ctx.saved_tensors
+    except RuntimeError as e:
+        raise FreedTensorError(
+            f"invfunc.invertible_call({state.name}): a freed input was read but the outputs needed "
+            f"to rebuild it are gone ({e}). Pass it in keep= if you need it after the call."
+        ) from e
+    n_out, n_exp = state.n_out, state.n_explicit
+    outs = saved[:n_out]
+    explicit = saved[n_out:n_out + n_exp]
+    captured = saved[n_out + n_exp:n_out + n_exp + len(state.captured)]
+    with torch.no_grad(), state.autocast.replay():
+        rebuild(state, outs, explicit, captured)
+    del saved, outs
+    for h in transient:
+        h.free(None)
+
+
+def _rebuild_on_access(state_ref: weakref.ref[BlockState]) -> Callable[[], None]:
+    def rebuild_now() -> None:
+        state = state_ref()
+        _materialize(state)
+        assert state is not None
+        state.handles = None  # kept from now on
+
+    return rebuild_now
+
+
+def apply_block(
+    block: Any,
+    args: Sequence[Any],
+    *,
+    mode: str,
+    guard: bool,
+    keep: Callable[[int, torch.Tensor], bool],
+    autocast: AutocastState,
+    previous: BlockState | None = None,
+) -> tuple[Any, bool, BlockState | None]:
+    """Run one block; return (outputs as a tuple, whether it returned a single tensor, its state)."""
+    n_data = block._n_data(args)
+    data = tuple(args[:n_data])
+    params = args[n_data:]
+    for i, t in enumerate(data):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"invfunc.invertible_call({block._name}, ...): data input {i} must be a tensor, got "
+                f"{type(t).__name__}; non-tensor arguments go after the {n_data} data input(s)."
+            )
+        if type(t) is Freed:
+            _rebuild_guarded(t)
+        elif is_freed(t):
+            raise FreedTensorError(
+                f"invfunc.invertible_call({block._name}, ...): data input {i} has no storage: it was freed "
+                "by an earlier invertible call and cannot be read. Pass it in keep= there, or clone it."
+            )
+    param_tensors = [p for p in params if isinstance(p, torch.Tensor)]
+    state = BlockState(block)
+    rng = {}
+    devices = cuda_devices([*data, *param_tensors])
+    tracer = Tracer()
+    tracer.start_recording(data)
+
+    @contextmanager
+    def section(name: str) -> Iterator[None]:
+        rng[name] = RngState(devices)
+        with tracer.section(name):
+            yield
+
+    with torch.no_grad(), tracer:
+        if len(block._sections) == 1:
+            with section(block._sections[0]):
+                out = block._run(args, section)
+        else:
+            out = block._run(args, section)
+    single = isinstance(out, torch.Tensor)
+    outs = (out,) if single else out
+    if not isinstance(outs, tuple) or not all(isinstance(o, torch.Tensor) for o in outs):
+        raise TypeError(
+            f"invfunc.invertible_call({block._name}, ...): the block returned {_describe(out)}; an "
+            "invertible function must return a tensor or a tuple of tensors."
+        )
+    if not torch.is_grad_enabled():
+        return outs, single, None
+    known = {id(t) for t in data}
+    known.update(id(p) for p in param_tensors)
+    captured: list[torch.Tensor] = []
+    where: dict[int, int] = {}
+    sections: dict[str, list[int]] = {}
+    for name, seen in tracer.sections.items():
+        idx = sections.setdefault(name, [])
+        for key, t in seen.items():
+            if key in known:
+                continue
+            if key not in where:
+                where[key] = len(captured)
+                captured.append(t)
+            idx.append(where[key])
+    if not captured and not any(t.requires_grad for t in data) and not any(p.requires_grad for p in param_tensors):
+        return outs, single, None  # nothing requires grad: a plain call
+    first = rng[block._sections[0]]
+    state.rng = None if first.unchanged() else rng
+    state.single = single
+    state.n_out = len(outs)
+    state.n_data = n_data
+    state.param_template = [None if isinstance(p, torch.Tensor) else p for p in params]
+    state.n_explicit = len(param_tensors)
+    state.captured = captured
+    state.sections = sections
+    state.autocast = autocast
+    state.updates = tracer.updates
+    state.update_refs = tracer._update_refs
+    state.in_meta = [(t.shape, t.dtype) for t in data]
+    state.kept = mode == "checkpoint"
+    inputs = (*data, *param_tensors, *captured)
+    state.precomputed = outs
+    state.seen = inputs
+    result = _BlockFunction.apply(state, *inputs)
+    if previous is not None:
+        previous.next_ref = weakref.ref(state)
+    if mode == "invertible":
+        _free_inputs(state, data, guard, keep)
+    return result, single, state
+
+
+def _free_inputs(
+    state: BlockState, data: Sequence[torch.Tensor], guard: bool, keep: Callable[[int, torch.Tensor], bool]
+) -> None:
+    handles: list[StorageHandle | None] = [None] * len(data)
+    by_id: dict[int, StorageHandle] = {}
+    rebuild_cb = _rebuild_on_access(weakref.ref(state)) if guard else None
+    reports = _EXPLAIN
+    for i, t in enumerate(data):
+        if id(t) in by_id:
+            handles[i] = by_id[id(t)]
+            continue
+        reason = "named in keep=" if keep(i, t) else free_reason(t)
+        if reason is not None:
+            for rep in reports:
+                rep.kept.append((state.name, i, reason))
+            continue
+        h = StorageHandle(t, guard)
+        for rep in reports:
+            rep.freed.append((state.name, i, h.nbytes))
+        by_id[id(t)] = h
+        handles[i] = h
+    if by_id:
+        state.handles = handles
+        for h in by_id.values():
+            h.free(rebuild_cb)  # type: ignore[arg-type]

@@ -1,0 +1,117 @@
+"""``invertible_call``: validate, then run a composite block by block."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ._autograd import apply_block
+from ._core import Invertible, _name
+from ._modes import check_mode, current_mode
+from ._replay import AutocastState
+
+__all__ = ["invertible_call"]
+
+
+def invertible_call(
+    fn: Invertible, *args: Any, mode: str | None = None, keep: Sequence[int | torch.Tensor] = ()
+) -> Any:
+    """Run an invertible function so that its inputs need not be kept for backward.
+
+    Each block of ``fn`` (a :func:`chain` is its blocks in a row) becomes one autograd
+    node. After a block's forward its data inputs are freed when that is provably safe
+    (not a leaf, not a view, storage not shared: see :func:`invfunc.explain`); in
+    backward they are rebuilt from the outputs by the inverse, refilled in place,
+    and the block is differentiated. Gradients reach every tensor the function reads
+    that requires grad: arguments, module parameters and tensors captured by
+    closures, with ``.backward()`` and ``torch.autograd.grad`` alike. Dropout and
+    other random ops replay exactly; BatchNorm statistics update once; autocast
+    replays. With grad disabled, or nothing requiring grad, it is a plain call.
+
+    Args:
+        fn: an :class:`Invertible`.
+        *args: its data inputs followed by its parameters.
+        mode: ``"invertible"`` (free inputs, rebuild them), ``"checkpoint"`` (keep
+            inputs, recompute intermediates) or ``"plain"`` (ordinary autograd).
+            Default: the ambient :func:`invfunc.mode`, else ``"invertible"``.
+        keep: inputs never freed, as positions in ``args`` or as the tensors.
+
+    Returns:
+        What ``fn(*args)`` returns.
+
+    Examples:
+        >>> import torch, invfunc as inv
+        >>> torch.manual_seed(0) is not None
+        True
+        >>> F, G = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        >>> net = inv.chain(inv.couple(F, G), inv.couple(G, F))
+        >>> x = torch.randn(8, 8, requires_grad=True)
+        >>> h = x * 2                                  # an intermediate: freed by the call
+        >>> y = inv.invertible_call(net, h)
+        >>> h.untyped_storage().nbytes()
+        0
+        >>> y.square().mean().backward()               # h is rebuilt on the way
+        >>> ref = x.detach().requires_grad_()
+        >>> net(ref * 2).square().mean().backward()
+        >>> torch.allclose(x.grad, ref.grad, atol=1e-6)
+        True
+    """
+    if not isinstance(fn, Invertible):
+        raise TypeError(
+            f"invfunc.invertible_call(fn, *args): fn must be an Invertible, got {_name(fn)} "
+            f"({type(fn).__name__}); wrap it with invfunc.invertible(fn, inverse=...) or build it "
+            "with invfunc.couple / invfunc.chain."
+        )
+    run_mode = current_mode() if mode is None else check_mode(mode, f"invfunc.invertible_call({fn._name}, ..., mode=...)")
+    if not args:
+        raise TypeError(f"invfunc.invertible_call({fn._name}, *args): no inputs given.")
+    fn._check_arity(args, "invertible_call")
+    if run_mode == "plain" or not torch.is_grad_enabled():
+        return fn(*args)
+    keep_pos, keep_ids = _keep_sets(fn, args, keep)
+
+    def keep_input(i: int, t: torch.Tensor) -> bool:
+        return i in keep_pos or id(t) in keep_ids
+
+    def keep_none(i: int, t: torch.Tensor) -> bool:
+        return id(t) in keep_ids
+
+    autocast = AutocastState()
+    blocks = fn._flatten()
+    out: Any = args
+    single = False
+    state = None
+    for k, block in enumerate(blocks):
+        cur = out if not single else (out,)
+        out, single, state = apply_block(
+            block,
+            cur,
+            mode=run_mode,
+            guard=k == 0,
+            keep=keep_input if k == 0 else keep_none,
+            autocast=autocast,
+            previous=state,
+        )
+        if single:
+            out = out[0]
+    return out
+
+
+def _keep_sets(fn: Invertible, args: Sequence[Any], keep: Sequence[int | torch.Tensor]) -> tuple[set[int], set[int]]:
+    if isinstance(keep, (int, torch.Tensor)):
+        keep = (keep,)
+    pos: set[int] = set()
+    ids: set[int] = set()
+    for k in keep:
+        if isinstance(k, torch.Tensor):
+            ids.add(id(k))
+        elif isinstance(k, int) and not isinstance(k, bool) and -len(args) <= k < len(args):
+            pos.add(k % len(args))
+        else:
+            raise ValueError(
+                f"invfunc.invertible_call({fn._name}, ..., keep=...): {k!r} is neither a tensor nor a "
+                f"position among the {len(args)} arguments; pass positions (0 for the first) or the tensors."
+            )
+    return pos, ids

@@ -1,0 +1,336 @@
+"""Composing invertible functions: :func:`chain` and :func:`couple`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+
+from ._autograd import BlockState, _fast_path, section_vjp
+from ._core import Invertible, _name
+
+__all__ = ["chain", "couple", "Chain", "Coupling"]
+
+
+class Chain(Invertible):
+    """Invertible functions applied in list order (see :func:`chain`)."""
+
+    def __init__(self, blocks: Sequence[Invertible]) -> None:
+        self.blocks = tuple(blocks)
+        names = ", ".join(b._name for b in self.blocks)
+        super().__init__(self._forward, self._backward_fn, n_inputs=self.blocks[0].n_inputs,
+                         name=f"chain({names})", wraps=False)
+        self._arity = None
+
+    def _forward(self, *args: Any) -> Any:
+        out: Any = args
+        for b in self.blocks:
+            out = b(*out) if isinstance(out, tuple) else b(out)
+        return out
+
+    def _backward_fn(self, *args: Any) -> Any:
+        out: Any = args
+        for b in reversed(self.blocks):
+            out = b.inverse(*out) if isinstance(out, tuple) else b.inverse(out)
+        return out
+
+    @property
+    def inverse(self) -> Invertible:
+        if self._inverse is None:
+            inv = Chain([b.inverse for b in reversed(self.blocks)])
+            inv._inverse = self
+            self._inverse = inv
+        return self._inverse
+
+    def _flatten(self) -> list[Invertible]:
+        return [leaf for b in self.blocks for leaf in b._flatten()]
+
+    def _n_data(self, args: Sequence[Any]) -> int:
+        return self.blocks[0]._n_data(args)
+
+
+def chain(*fns: Invertible) -> Invertible:
+    """Compose invertible functions in list order: ``chain(f, g)(x) == g(f(x))``.
+
+    A block's outputs are the next block's inputs (a tuple is unpacked). The inverse
+    is the reversed chain of inverses, and nested chains flatten. Under
+    :func:`invfunc.invertible_call` each block is its own autograd node: its input is
+    freed after the forward and rebuilt in backward, so memory does not grow with depth.
+
+    Args:
+        *fns: one or more :class:`Invertible` (from :func:`invertible`,
+            :func:`couple` or :func:`chain`).
+
+    Examples:
+        >>> import torch, invfunc as inv
+        >>> add1 = inv.invertible(lambda x: x + 1, inverse=lambda y: y - 1)
+        >>> dbl = inv.invertible(lambda x: x * 2, inverse=lambda y: y / 2)
+        >>> f = inv.chain(add1, dbl)
+        >>> f(torch.tensor([1.0]))                  # dbl(add1(x))
+        tensor([4.])
+        >>> f.inverse(torch.tensor([4.0]))
+        tensor([1.])
+        >>> len(inv.chain(f, f).blocks)               # nested chains flatten
+        4
+    """
+    if not fns:
+        raise TypeError("invfunc.chain(*fns): expected at least one Invertible, got none.")
+    blocks: list[Invertible] = []
+    for i, f in enumerate(fns):
+        if not isinstance(f, Invertible):
+            raise TypeError(
+                f"invfunc.chain(*fns): argument {i} is {_name(f)} ({type(f).__name__}), not an Invertible; "
+                "wrap it with invfunc.invertible(f, inverse=...) or use invfunc.couple(F, G)."
+            )
+        blocks.extend(f.blocks if isinstance(f, Chain) else [f])
+    return Chain(blocks)
+
+
+class Coupling(Invertible):
+    """The additive coupling ``y1 = x1 + F(x2); y2 = x2 + G(y1)`` (see :func:`couple`)."""
+
+    _sections = ("F", "G")
+
+    def __init__(self, F: Callable[..., Any], G: Callable[..., Any] | None, dim: int) -> None:
+        self.F = F
+        self.G = G
+        self.dim = dim
+        name = f"couple({_name(F)}, {_name(G)})" if G is not None else f"couple({_name(F)})"
+        super().__init__(self._plain, self._plain_inverse, n_inputs=1, name=name, wraps=False)
+        self._arity = None
+
+    # -- plain, differentiable directions -------------------------------------------
+    def _split(self, x: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"invfunc.{self._name}: expected a tensor or a pair of tensors, got {type(x).__name__}.")
+        if not -x.dim() <= self.dim < max(x.dim(), 1):
+            raise ValueError(
+                f"invfunc.{self._name}: dim={self.dim} is out of range for {what} of shape {tuple(x.shape)}; "
+                "pass couple(..., dim=d) with the dimension to split."
+            )
+        d = self.dim % x.dim()
+        n = x.size(d)
+        if n % 2:
+            raise ValueError(
+                f"invfunc.{self._name}: {what} has odd size {n} along dim {d} (shape {tuple(x.shape)}); "
+                "couple splits it into two equal halves. Pad it to an even size, or pass a pair (x1, x2)."
+            )
+        h = n // 2
+        return x.narrow(d, 0, h), x.narrow(d, h, h), d
+
+    def _pair(self, args: Sequence[Any], what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(args) != 2:
+            raise TypeError(
+                f"invfunc.{self._name}: expected one tensor or a pair of tensors, got {len(args)} arguments."
+            )
+        return args[0], args[1]
+
+    def _plain(self, *xs: torch.Tensor) -> Any:
+        if len(xs) == 1:
+            x1, x2, d = self._split(xs[0], "the input")
+            y1, y2 = self._coupled(x1, x2)
+            return torch.cat([y1, y2], d)
+        return self._coupled(*self._pair(xs, "input"))
+
+    def _coupled(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y1 = x1 + self._half(self.F, "F", x2)
+        y2 = x2 + self._half(self.G, "G", y1) if self.G is not None else x2
+        return y1, y2
+
+    def _half(self, fn: Callable[..., Any], which: str, x: torch.Tensor) -> torch.Tensor:
+        out = fn(x)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            raise ValueError(
+                f"invfunc.{self._name}: {which} returned {_shape(out)} for a half of shape {tuple(x.shape)}; "
+                f"{which} must map a half to a tensor of the same shape."
+            )
+        return out
+
+    def _plain_inverse(self, *ys: torch.Tensor) -> Any:
+        if len(ys) == 1:
+            y1, y2, d = self._split(ys[0], "the output")
+            x1, x2 = self._uncoupled(y1, y2)
+            return torch.cat([x1, x2], d)
+        return self._uncoupled(*self._pair(ys, "output"))
+
+    def _uncoupled(self, y1: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x2 = y2 - self._half(self.G, "G", y1) if self.G is not None else y2
+        x1 = y1 - self._half(self.F, "F", x2)
+        return x1, x2
+
+    @property
+    def inverse(self) -> Invertible:
+        if self._inverse is None:
+            inv = _Variadic(self._plain_inverse, self._plain, name=f"inverse({self._name})")
+            inv._inverse = self
+            self._inverse = inv
+        return self._inverse
+
+    # -- the engine protocol ------------------------------------------------------------
+    def _n_data(self, args: Sequence[Any]) -> int:
+        if len(args) not in (1, 2):
+            raise TypeError(
+                f"invfunc.invertible_call({self._name}, ...): expected one tensor or a pair of tensors, "
+                f"got {len(args)} arguments."
+            )
+        return len(args)
+
+    def _run(self, args: Sequence[Any], section: Callable[[str], AbstractContextManager[None]]) -> Any:
+        if len(args) == 2:
+            x1, x2 = args
+            with section("F"):
+                y1 = x1 + self._half(self.F, "F", x2)
+            if self.G is None:
+                return y1, x2
+            with section("G"):
+                g = self._half(self.G, "G", y1)
+            return y1, x2 + g
+        x = args[0]
+        x1, x2, d = self._split(x, "the input")
+        y = torch.empty_like(x)
+        y1, y2 = y.narrow(d, 0, x1.size(d)), y.narrow(d, x1.size(d), x1.size(d))
+        with section("F"):
+            f = self._half(self.F, "F", x2)
+        torch.add(x1, f, out=y1)
+        del f
+        if self.G is None:
+            y2.copy_(x2)
+            return y
+        with section("G"):
+            g = self._half(self.G, "G", y1)
+        torch.add(x2, g, out=y2)
+        return y
+
+    def _fused_backward(
+        self,
+        state: BlockState,
+        outs: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        explicit: Sequence[torch.Tensor],
+        captured: Sequence[torch.Tensor],
+        needs: Sequence[bool],
+    ) -> list[torch.Tensor | None]:
+        """The RevNet backward: F and G evaluated once each, the input rebuilt on the way."""
+        n_data = state.n_data
+        cap_needs = needs[n_data:]
+        cap_grads: list[torch.Tensor | None] = [None] * len(captured)
+
+        def add(pairs: list[tuple[int, torch.Tensor]]) -> None:
+            for i, g in pairs:
+                old = cap_grads[i]
+                cap_grads[i] = g if old is None else old + g
+
+        handles = state.handles or [None] * n_data
+        fast = _fast_path(*outs, *grads)
+        x1_dst = x2_dst = gx = None
+        if n_data == 1:
+            d = self.dim % outs[0].dim()
+            h = outs[0].size(d) // 2
+            y1, y2 = outs[0].narrow(d, 0, h), outs[0].narrow(d, h, h)
+            gy1, gy2 = grads[0].narrow(d, 0, h), grads[0].narrow(d, h, h)
+            if fast and handles[0] is not None and handles[0].freed:
+                x = handles[0].view()
+                x1_dst, x2_dst = x.narrow(d, 0, h), x.narrow(d, h, h)
+            if fast:
+                gx = torch.empty_like(outs[0])
+        else:
+            y1, y2 = outs
+            gy1, gy2 = grads
+            if fast and handles[0] is not None and handles[1] is not None and handles[0] is not handles[1]:
+                if handles[0].freed and handles[1].freed:
+                    x1_dst, x2_dst = handles[0].view(), handles[1].view()
+
+        if self.G is not None:
+            g_out, pull_g = section_vjp(state, self.G, "G", y1, captured, cap_needs)
+            x2 = torch.sub(y2, g_out, out=x2_dst) if x2_dst is not None else y2 - g_out
+            del g_out
+            g_y1, pairs = pull_g(gy2)
+            add(pairs)
+            if gx is not None:
+                gz1 = torch.add(gy1, g_y1, out=gx.narrow(d, 0, h))
+            else:
+                gz1 = gy1 + g_y1
+            del g_y1
+        else:
+            x2 = x2_dst.copy_(y2) if x2_dst is not None else y2
+            gz1 = gy1
+        f_out, pull_f = section_vjp(state, self.F, "F", x2, captured, cap_needs)
+        x1 = torch.sub(y1, f_out, out=x1_dst) if x1_dst is not None else y1 - f_out
+        del f_out
+        g_x2, pairs = pull_f(gz1)
+        add(pairs)
+        if gx is not None:
+            if self.G is None:
+                gx.narrow(d, 0, h).copy_(gz1)
+            torch.add(gy2, g_x2, out=gx.narrow(d, h, h))
+            data_grads: list[torch.Tensor | None] = [gx]
+        else:
+            gx2 = gy2 + g_x2
+            data_grads = [torch.cat([gz1, gx2], d)] if n_data == 1 else [gz1, gx2]
+        if x1_dst is not None:
+            state.restore_guards()  # written in place above
+        elif n_data == 1:
+            if state.handles:
+                state.refill((torch.cat([x1, x2], d),))
+        else:
+            state.refill((x1, x2))
+        return [g if n else None for g, n in zip(data_grads, needs)] + [
+            g if n else None for g, n in zip(cap_grads, cap_needs)
+        ]
+
+
+class _Variadic(Invertible):
+    """An Invertible taking one tensor or a pair (the inverse of a coupling)."""
+
+    def __init__(self, fn: Callable[..., Any], inverse: Callable[..., Any], name: str) -> None:
+        super().__init__(fn, inverse, n_inputs=1, name=name, wraps=False)
+        self._arity = None
+
+    def _n_data(self, args: Sequence[Any]) -> int:
+        return len(args)
+
+
+def _shape(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"
+
+
+def couple(F: Callable[..., Any], G: Callable[..., Any] | None = None, *, dim: int = 1) -> Invertible:
+    """The additive (RevNet) coupling: ``y1 = x1 + F(x2); y2 = x2 + G(y1)``.
+
+    Called with one tensor, it splits it into halves along ``dim`` and returns one
+    tensor; called with a pair ``(x1, x2)`` it returns a pair ``(y1, y2)`` (no
+    concatenation copy). ``G=None`` is the one-sided (NICE) coupling ``y2 = x2``.
+    F and G can be any callables — ``nn.Module``s, functions, closures — and need not
+    be invertible; their parameters get gradients automatically. Under
+    :func:`invfunc.invertible_call` the backward evaluates F and G once each (the
+    RevNet algorithm), rebuilding the input on the way.
+
+    Args:
+        F: maps the second half to a tensor of the shape of a half.
+        G: maps the first output half to a tensor of that shape, or None.
+        dim: the dimension to split a single input along (default 1).
+
+    Examples:
+        >>> import torch, invfunc as inv
+        >>> torch.manual_seed(0) is not None
+        True
+        >>> block = inv.couple(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+        >>> x = torch.randn(2, 6)
+        >>> torch.allclose(block.inverse(block(x)), x, atol=1e-6)
+        True
+        >>> y1, y2 = block(x[:, :3], x[:, 3:])             # the pair form
+        >>> torch.allclose(torch.cat([y1, y2], 1), block(x))
+        True
+    """
+    if not callable(F):
+        raise TypeError(f"invfunc.couple(F, G): F must be callable, got {type(F).__name__}.")
+    if G is not None and not callable(G):
+        raise TypeError(f"invfunc.couple(F, G): G must be callable or None, got {type(G).__name__}.")
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        raise TypeError(f"invfunc.couple(F, G, dim=...): dim must be an int, got {dim!r}.")
+    return Coupling(F, G, dim)
+

@@ -1,0 +1,32 @@
+"""The project's error types."""
+
+from __future__ import annotations
+
+__all__ = ["InvfuncError", "FreedTensorError"]
+
+
+class InvfuncError(RuntimeError):
+    """Raised when invfunc cannot honour a call without risking a wrong result.
+
+    Every message starts with the public entry point that failed, says what was
+    received and how to fix it.
+
+    Examples:
+        >>> import invfunc as inv
+        >>> issubclass(inv.InvfuncError, RuntimeError)
+        True
+    """
+
+
+class FreedTensorError(InvfuncError):
+    """Raised on access to a tensor whose storage was freed and can no longer be rebuilt.
+
+    This happens when a tensor freed by :func:`invfunc.invertible_call` is read after
+    the graph that could rebuild it was dropped (for example after ``del loss``
+    without a backward). Pass the tensor in ``keep=`` to keep it.
+
+    Examples:
+        >>> import invfunc as inv
+        >>> issubclass(inv.FreedTensorError, inv.InvfuncError)
+        True
+    """

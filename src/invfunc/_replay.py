@@ -1,0 +1,223 @@
+"""What a block's forward saw, and how to replay it: tensors, RNG, autocast, state updates.
+
+NOTE [Recording and replaying a block]
+
+1. A block's forward runs once under ``no_grad`` inside :class:`Tracer` in *record*
+   mode. Every tensor argument that requires grad is an *external* tensor (inputs,
+   parameters of modules, tensors captured by closures): nothing created under
+   ``no_grad`` requires grad. They are recorded in order of first use, per section
+   (a coupling records F and G separately).
+2. In-place ops whose target was not produced inside the block (BatchNorm's
+   ``num_batches_tracked``) are recorded as *external updates*.
+3. In *replay* mode (the inverse and the recompute in backward) the same tracer maps
+   every recorded external tensor, by identity, to the primal that stands for it, so
+   the block is a pure function of its inputs and parameters for ``torch.func.vjp``;
+   external updates are skipped and batch-norm running statistics are not updated
+   again, so state updates once per step.
+4. RNG: the CPU (and CUDA) generator states before each section are captured. If a
+   section drew no random numbers its state is dropped; otherwise replays run from it
+   inside a fork that restores the caller's generator afterwards.
+5. Autocast: the forward's autocast state is captured and re-entered for replays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["Tracer", "RngState", "AutocastState"]
+
+_Tensor = torch.Tensor
+_NORM_FUNCS = {
+    torch.nn.functional.batch_norm: (1, 2, 5, "running_mean", "running_var", "training"),
+    torch.batch_norm: (3, 4, 5, "running_mean", "running_var", "training"),
+    torch.nn.functional.instance_norm: (1, 2, 5, "running_mean", "running_var", "use_input_stats"),
+    torch.instance_norm: (3, 4, 5, "running_mean", "running_var", "use_input_stats"),
+}
+# Functions that only read metadata: cheap, and never worth recording.
+_INPLACE_EXCLUDED = {"__setstate__", "requires_grad_", "retain_grad", "share_memory_"}
+
+
+def _is_inplace(func: Callable[..., Any]) -> bool:
+    name = getattr(func, "__name__", "")
+    return name.endswith("_") and not name.endswith("__") and name not in _INPLACE_EXCLUDED
+
+
+class Tracer(TorchFunctionMode):
+    """Records external tensors of a block's forward, or substitutes them in a replay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recording = True
+        self.sections: dict[str, dict[int, _Tensor]] = {}
+        self._section: dict[int, _Tensor] = {}
+        self.produced: set[int] = set()
+        self.updates: set[int] = set()
+        self._update_refs: list[_Tensor] = []
+        self.subst: dict[int, _Tensor] = {}
+
+    # -- recording ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        """Record the external tensors of a part of the block under ``name``."""
+        previous = self._section
+        self._section = self.sections.setdefault(name, {})
+        try:
+            yield
+        finally:
+            self._section = previous
+
+    def start_recording(self, inputs: Sequence[object]) -> None:
+        self.recording = True
+        self.sections = {}
+        self._section = self.sections.setdefault("", {})
+        # inputs count as produced: they are not captured, and in-place ops on them are
+        # not external state updates
+        self.produced = {id(t) for t in inputs if isinstance(t, _Tensor)}
+
+    def start_replay(self, subst: dict[int, _Tensor]) -> None:
+        self.recording = False
+        self.subst = subst
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        if kwargs is None:
+            kwargs = {}
+        if self.recording:
+            return self._record(func, args, kwargs)
+        return self._replay(func, args, kwargs)
+
+    def _record(self, func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        section = self._section
+        produced = self.produced
+        for a in args:
+            if type(a) in (list, tuple):
+                for b in a:
+                    if isinstance(b, _Tensor) and b.requires_grad and id(b) not in produced:
+                        section.setdefault(id(b), b)
+            elif isinstance(a, _Tensor) and a.requires_grad and id(a) not in produced:
+                section.setdefault(id(a), a)
+        for a in kwargs.values():
+            if isinstance(a, _Tensor) and a.requires_grad and id(a) not in produced:
+                section.setdefault(id(a), a)
+        if args and _is_inplace(func):
+            target = args[0]
+            if isinstance(target, _Tensor) and id(target) not in self.produced:
+                self.updates.add(id(target))
+                self._update_refs.append(target)
+        out = func(*args, **kwargs)
+        if isinstance(out, _Tensor):
+            self.produced.add(id(out))
+        elif type(out) in (list, tuple):
+            for o in out:
+                if isinstance(o, _Tensor):
+                    self.produced.add(id(o))
+        return out
+
+    def _replay(self, func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        subst = self.subst
+        if args and self.updates and _is_inplace(func) and id(args[0]) in self.updates:
+            return args[0]  # an external state update already applied in the forward
+        if subst:
+            new_args = []
+            for a in args:
+                if type(a) in (list, tuple):
+                    a = type(a)(subst.get(id(b), b) for b in a)
+                elif isinstance(a, _Tensor):
+                    a = subst.get(id(a), a)
+                new_args.append(a)
+            args = new_args
+            if kwargs:
+                kwargs = {k: (subst.get(id(v), v) if isinstance(v, _Tensor) else v) for k, v in kwargs.items()}
+        norm = _NORM_FUNCS.get(func)
+        if norm is not None:
+            args, kwargs = _without_running_stats(norm, list(args), kwargs)
+        return func(*args, **kwargs)
+
+
+def _without_running_stats(
+    spec: tuple[int, int, int, str, str, str], args: list[Any], kwargs: dict[str, Any]
+) -> tuple[list[Any], dict[str, Any]]:
+    """Drop running statistics from a norm call that uses batch statistics.
+
+    With batch statistics the running ones only receive an update, which must not
+    happen twice; the result is the same without them.
+    """
+    i_mean, i_var, i_train, k_mean, k_var, k_train = spec
+    training = args[i_train] if len(args) > i_train else kwargs.get(k_train, False)
+    if not training:
+        return args, kwargs
+    for i, k in ((i_mean, k_mean), (i_var, k_var)):
+        if len(args) > i:
+            args[i] = None
+        elif k in kwargs:
+            kwargs = {**kwargs, k: None}
+    return args, kwargs
+
+
+class RngState:
+    """Generator states of the CPU and of the CUDA devices a block touches."""
+
+    __slots__ = ("cpu", "cuda")
+
+    def __init__(self, cuda_devices: Sequence[int]) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = [(d, torch.cuda.get_rng_state(d)) for d in cuda_devices]
+
+    def unchanged(self) -> bool:
+        """True if no random number was drawn since this state was captured."""
+        if not torch.equal(self.cpu, torch.get_rng_state()):
+            return False
+        return all(torch.equal(s, torch.cuda.get_rng_state(d)) for d, s in self.cuda)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for d, s in self.cuda:
+            torch.cuda.set_rng_state(s, d)
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        """Run a region from this state and leave the caller's generators untouched."""
+        saved = RngState([d for d, _ in self.cuda])
+        self.restore()
+        try:
+            yield
+        finally:
+            saved.restore()
+
+
+def cuda_devices(tensors: Sequence[object]) -> list[int]:
+    devices = {t.device.index or 0 for t in tensors if isinstance(t, _Tensor) and t.is_cuda}
+    return sorted(devices)
+
+
+class AutocastState:
+    """The autocast state of the forward, re-entered for replays in backward."""
+
+    __slots__ = ("settings",)
+
+    def __init__(self) -> None:
+        self.settings = [
+            (dev, torch.get_autocast_dtype(dev))
+            for dev in ("cpu", "cuda")
+            if torch.is_autocast_enabled(dev)
+        ]
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for dev in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(dev):
+                    stack.enter_context(torch.autocast(dev, enabled=False))
+            for dev, dtype in self.settings:
+                stack.enter_context(torch.autocast(dev, dtype=dtype))
+            yield

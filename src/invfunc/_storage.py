@@ -1,0 +1,215 @@
+"""Freeing a tensor's storage after the forward and refilling it in backward.
+
+NOTE [Freeing rules]
+
+A tensor handed to :func:`invfunc.invertible_call` is freed only when all hold:
+
+1. it is not a leaf (user data and parameters are never freed) and is a plain,
+   strided ``torch.Tensor`` on CPU or CUDA (no subclass, wrapper, inference tensor);
+2. it is not a view, starts its storage and covers all of it, with no zero stride;
+3. its storage is resizable, not shared memory, not pinned;
+4. nothing else holds its storage: the storage's use count is what the tensor itself
+   and its producer's saved result account for (a live view, a sibling tensor, an
+   output aliasing it all add to the count);
+5. it is not named in ``keep=``, and no output of the call shares its storage.
+
+Anything else is kept, and :func:`invfunc.explain` says why.
+
+NOTE [Refilling without a trace]
+
+A freed storage is refilled through a fresh tensor set onto the same storage, so
+the version counter of the user's tensor is not bumped and every node that saved it
+(a ReLU before the block, the previous block's output) reads the rebuilt values.
+While freed, the version counter is advanced by one: a foreign autograd node that
+saved the tensor and runs before the refill raises PyTorch's "modified by an inplace
+operation" error instead of reading freed memory. The refill restores the counter.
+
+NOTE [Guarded tensors]
+
+The Python object of a freed tensor the caller can still reach is given the class
+:class:`_Freed` until refilled. Any torch function that touches it first rebuilds it
+from the block's outputs by the inverse (then it stays kept); if the graph that could
+rebuild it is gone, :class:`FreedTensorError` is raised. Metadata (shape, dtype,
+device, ``requires_grad``) stays readable without a rebuild.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ._errors import FreedTensorError
+
+__all__ = ["Freed", "free_reason", "StorageHandle", "is_freed"]
+
+_use_count = torch._C._storage_Use_Count
+_set_version = torch._C._autograd._unsafe_set_version_counter
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_RESULT_SAVERS: dict[type, bool] = {}
+
+
+def _producer_saves_result(t: torch.Tensor) -> bool:
+    fn = t.grad_fn
+    if fn is None:
+        return False
+    kind = type(fn)
+    saves = _RESULT_SAVERS.get(kind)
+    if saves is None:
+        saves = hasattr(fn, "_saved_result") or getattr(kind, "_invfunc_saves_outputs", False)
+        _RESULT_SAVERS[kind] = saves
+    return saves
+
+
+def is_freed(t: torch.Tensor) -> bool:
+    """True if ``t`` has elements but its storage holds no bytes."""
+    return type(t) is Freed or (
+        t.layout == torch.strided
+        and not _is_wrapped(t)
+        and t.numel() > 0
+        and t.device.type in ("cpu", "cuda")
+        and t.untyped_storage().nbytes() == 0
+    )
+
+
+def free_reason(t: torch.Tensor, extra_refs: int = 0) -> str | None:
+    """Why ``t`` must not be freed, or None if it may be (NOTE [Freeing rules])."""
+    if type(t) is not torch.Tensor:
+        return f"its type is {type(t).__name__}, not a plain torch.Tensor"
+    if t.grad_fn is None:
+        return "it is a leaf (user data or a parameter)"
+    if _is_wrapped(t):
+        return "it is wrapped by a torch.func transform"
+    if t.layout != torch.strided or t.device.type not in ("cpu", "cuda"):
+        return f"its layout/device ({t.layout}, {t.device.type}) is not a strided CPU/CUDA tensor"
+    if t.is_inference():
+        return "it is an inference tensor"
+    if t._is_view():
+        return "it is a view of another tensor"
+    if t.storage_offset() != 0 or 0 in t.stride():
+        return "it does not start its storage or has a zero stride"
+    storage = t.untyped_storage()
+    if storage.nbytes() != t.numel() * t.element_size():
+        return "it does not cover its whole storage"
+    if t.numel() == 0:
+        return "it is empty"
+    if not storage.resizable():
+        return "its storage is not resizable (numpy, DLPack, mmap)"
+    if storage.is_shared():
+        return "its storage is in shared memory"
+    if t.device.type == "cpu" and storage.is_pinned():
+        return "its storage is pinned"
+    expected = 2 + _producer_saves_result(t) + extra_refs
+    if _use_count(storage._cdata) > expected:
+        return "another tensor (a view, an alias or an output) shares its storage"
+    return None
+
+
+class StorageHandle:
+    """A freed storage, with what is needed to refill it and to guard its tensor."""
+
+    __slots__ = ("storage", "nbytes", "size", "stride", "dtype", "version", "tensor", "__weakref__")
+
+    def __init__(self, t: torch.Tensor, guard: bool) -> None:
+        self.storage = t.untyped_storage()
+        self.nbytes = self.storage.nbytes()
+        self.size = t.size()
+        self.stride = t.stride()
+        self.dtype = t.dtype
+        self.version = t._version
+        # A strong reference: the version counter must be restored even if the caller
+        # dropped the tensor (the previous block's saved output shares that counter).
+        self.tensor: torch.Tensor | None = t if guard else None
+
+    def free(self, rebuild: Callable[[], None]) -> None:
+        self.storage.resize_(0)
+        t = self.tensor
+        if t is not None:
+            _set_version((t,), (self.version + 1,))
+            t.__class__ = Freed
+            key = id(t)
+            _GUARDS[key] = (weakref.ref(t, lambda _, k=key: _forget(k)), rebuild)
+
+    def view(self) -> torch.Tensor:
+        """A new tensor on the (refilled) storage, with its own version counter."""
+        if self.storage.nbytes() == 0:
+            self.storage.resize_(self.nbytes)
+        out = torch.empty(0, dtype=self.dtype, device=self.storage.device)
+        return out.set_(self.storage, 0, self.size, self.stride)
+
+    @property
+    def freed(self) -> bool:
+        return self.storage.nbytes() == 0
+
+    def refill(self, value: torch.Tensor | None = None) -> None:
+        """Write ``value`` back into the storage (or finish a write made through :meth:`view`)."""
+        if value is not None:
+            with torch.no_grad():
+                self.view().copy_(value)
+        t = self.tensor
+        if t is not None:
+            _GUARDS.pop(id(t), None)
+            if type(t) is Freed:
+                t.__class__ = torch.Tensor
+                _set_version((t,), (self.version,))
+
+
+# id(tensor) -> (weakref to it, rebuild callback). Entries die with their tensors.
+_GUARDS: dict[int, tuple[weakref.ref[torch.Tensor], Callable[[], None]]] = {}
+
+
+def _forget(key: int) -> None:
+    entry = _GUARDS.get(key)
+    if entry is not None and entry[0]() is None:
+        del _GUARDS[key]
+
+_METADATA = {
+    "shape", "size", "dim", "ndim", "dtype", "device", "layout", "requires_grad", "grad_fn",
+    "is_leaf", "numel", "stride", "storage_offset", "element_size", "is_cuda", "is_sparse",
+    "untyped_storage", "_version", "_is_view", "_base", "grad", "names", "is_contiguous",
+    "__class__", "__hash__", "data_ptr", "is_inference",
+    "is_floating_point", "is_complex", "nbytes", "itemsize", "output_nr", "_cdata",
+    "register_hook", "retain_grad", "retains_grad", "is_pinned", "is_shared", "__len__",
+}
+
+
+def _func_name(func: Any) -> str:
+    owner = getattr(func, "__self__", None)
+    if owner is not None and getattr(func, "__name__", "") in ("__get__", "__set__"):
+        return getattr(owner, "__name__", "")
+    return getattr(func, "__name__", "")
+
+
+def _rebuild_guarded(t: torch.Tensor) -> None:
+    entry = _GUARDS.get(id(t))
+    if entry is None or entry[0]() is not t:
+        t.__class__ = torch.Tensor
+        raise FreedTensorError(
+            "invfunc: this tensor was freed by invertible_call and cannot be rebuilt: "
+            "the graph that held the block's outputs was dropped without a backward. "
+            "Pass it in keep= (or clone it) before the call if you need it afterwards."
+        )
+    entry[1]()
+    if type(t) is Freed:
+        raise FreedTensorError("invfunc: rebuilding a freed tensor did not restore it (internal error).")
+
+
+class Freed(torch.Tensor):
+    """The class of a freed tensor the caller can still reach (NOTE [Guarded tensors])."""
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        if kwargs is None:
+            kwargs = {}
+        if _func_name(func) not in _METADATA:
+            for a in (*args, *kwargs.values()):
+                if type(a) is Freed:
+                    _rebuild_guarded(a)
+                elif type(a) in (list, tuple):
+                    for b in a:
+                        if type(b) is Freed:
+                            _rebuild_guarded(b)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
