@@ -161,6 +161,8 @@ def section_vjp(
 
 
 class _BlockFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(state: BlockState, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         pre, seen = state.precomputed, state.seen

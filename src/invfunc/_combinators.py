@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ._autograd import BlockState, _fast_path, section_vjp
+from ._autograd import BlockState, _fast_path, _is_wrapped, section_vjp
 from ._core import Invertible, _name
 
 __all__ = ["chain", "couple", "Chain", "Coupling"]
@@ -188,6 +188,14 @@ class Coupling(Invertible):
                 g = self._half(self.G, "G", y1)
             return y1, x2 + g
         x = args[0]
+        if _is_wrapped(x):  # under torch.func: no out= writes
+            with section("F"):
+                x1, x2, d = self._split(x, "the input")
+                y1 = x1 + self._half(self.F, "F", x2)
+            if self.G is None:
+                return torch.cat([y1, x2], d)
+            with section("G"):
+                return torch.cat([y1, x2 + self._half(self.G, "G", y1)], d)
         x1, x2, d = self._split(x, "the input")
         y = torch.empty_like(x)
         y1, y2 = y.narrow(d, 0, x1.size(d)), y.narrow(d, x1.size(d), x1.size(d))
