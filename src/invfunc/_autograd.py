@@ -160,6 +160,14 @@ def section_vjp(
     return out, pullback
 
 
+def _no_input_as_is(outs: tuple[torch.Tensor, ...], inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Outputs that are inputs become views of them: autograd saves outputs, not inputs."""
+    ids = {id(t) for t in inputs}
+    if not any(id(o) in ids for o in outs):
+        return outs
+    return tuple(o.view_as(o) if id(o) in ids else o for o in outs)
+
+
 class _BlockFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
@@ -168,7 +176,7 @@ class _BlockFunction(torch.autograd.Function):
         pre, seen = state.precomputed, state.seen
         state.precomputed = state.seen = None
         if pre is not None and seen is not None and all(a is b for a, b in zip(tensors, seen)):
-            return pre
+            return _no_input_as_is(pre, tensors)
         # Under torch.func the forward receives unwrapped tensors: recompute on them.
         n_data, n_exp = state.n_data, state.n_explicit
         data = tensors[:n_data]
@@ -177,7 +185,7 @@ class _BlockFunction(torch.autograd.Function):
         with state.replay_rng(state.block._sections[0]) if state.rng else nullcontext(), tr:
             out = state.block._fn(*data, *state.merge_params(explicit))
         outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
-        return tuple(o if o is not None else o for o in outs)
+        return _no_input_as_is(outs, tensors)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
@@ -464,9 +472,14 @@ def apply_block(
     result = _BlockFunction.apply(state, *inputs)
     if previous is not None:
         previous.next_ref = weakref.ref(state)
-    if mode == "invertible":
+    if mode == "invertible" and not guard:
         _free_inputs(state, data, guard, keep)
     return result, single, state
+
+
+def free_call_inputs(state: BlockState, data: Sequence[Any], keep: Callable[[int, torch.Tensor], bool]) -> None:
+    """Free the caller's inputs of a whole call, once every block's forward succeeded."""
+    _free_inputs(state, [t for t in data if isinstance(t, torch.Tensor)][: state.n_data], True, keep)
 
 
 def _free_inputs(

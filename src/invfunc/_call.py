@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ._autograd import apply_block
+from ._autograd import apply_block, free_call_inputs
 from ._core import Invertible, _name
 from ._modes import check_mode, current_mode
 from ._replay import AutocastState
@@ -82,7 +82,7 @@ def invertible_call(
     blocks = fn._flatten()
     out: Any = args
     single = False
-    state = None
+    state = first = None
     for k, block in enumerate(blocks):
         cur = out if not single else (out,)
         out, single, state = apply_block(
@@ -94,8 +94,12 @@ def invertible_call(
             autocast=autocast,
             previous=state,
         )
+        if first is None:
+            first = state
         if single:
             out = out[0]
+    if run_mode == "invertible" and first is not None:
+        free_call_inputs(first, args, keep_input)
     return out
 
 

@@ -49,17 +49,31 @@ _use_count = torch._C._storage_Use_Count
 _set_version = torch._C._autograd._unsafe_set_version_counter
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _RESULT_SAVERS: dict[type, bool] = {}
+# Producers whose backward uses their saved result smoothly, so that a rebuilt value
+# (equal up to round-off) gives the gradient up to round-off. ReLU and other
+# thresholds are not among them: a rebuilt 0 may come back as 1e-17 and flip the mask.
+_SMOOTH_RESULT_SAVERS = {
+    "SigmoidBackward0", "TanhBackward0", "ExpBackward0", "Exp2Backward0", "SqrtBackward0",
+    "RsqrtBackward0", "SoftmaxBackward0", "LogSoftmaxBackward0", "ReciprocalBackward0",
+}
 
 
-def _producer_saves_result(t: torch.Tensor) -> bool:
+def _producer_saves_result(t: torch.Tensor) -> bool | None:
+    """False: the producer saved no result; True: it saved it and tolerates a rebuilt one;
+    None: it saved it and a rebuilt value could change its gradient."""
     fn = t.grad_fn
     if fn is None:
         return False
     kind = type(fn)
-    saves = _RESULT_SAVERS.get(kind)
-    if saves is None:
-        saves = hasattr(fn, "_saved_result") or getattr(kind, "_invfunc_saves_outputs", False)
-        _RESULT_SAVERS[kind] = saves
+    saves = _RESULT_SAVERS.get(kind, False) if kind in _RESULT_SAVERS else None
+    if kind not in _RESULT_SAVERS:
+        if getattr(kind, "_invfunc_saves_outputs", False):
+            saves = True
+        elif hasattr(fn, "_saved_result"):
+            saves = True if kind.__name__ in _SMOOTH_RESULT_SAVERS else None
+        else:
+            saves = False
+        _RESULT_SAVERS[kind] = saves  # type: ignore[assignment]
     return saves
 
 
@@ -101,7 +115,13 @@ def free_reason(t: torch.Tensor, extra_refs: int = 0) -> str | None:
         return "its storage is in shared memory"
     if t.device.type == "cpu" and storage.is_pinned():
         return "its storage is pinned"
-    expected = 2 + _producer_saves_result(t) + extra_refs
+    saves = _producer_saves_result(t)
+    if saves is None:
+        return (
+            f"its producer ({type(t.grad_fn).__name__}) saved it for a backward that a rebuilt value "
+            "could change (e.g. ReLU's mask); move that op inside the block to free it"
+        )
+    expected = 2 + saves + extra_refs
     if _use_count(storage._cdata) > expected:
         return "another tensor (a view, an alias or an output) shares its storage"
     return None

@@ -1,0 +1,82 @@
+"""Shared helpers for the engine tests (not collected as tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+import invfunc as inv
+
+
+def mlp(h: int, act: type[torch.nn.Module] = torch.nn.Tanh) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(h, h), act(), torch.nn.Linear(h, h))
+
+
+def revnet(depth: int, h: int, *, seed: int = 0, dtype: torch.dtype = torch.float64) -> tuple[inv.Invertible, list[torch.Tensor]]:
+    """A chain of ``depth`` couplings with MLP F and G, and its parameters."""
+    torch.manual_seed(seed)
+    blocks = [inv.couple(mlp(h).to(dtype), mlp(h).to(dtype)) for _ in range(depth)]
+    params = [p for b in blocks for m in (b.F, b.G) for p in m.parameters()]
+    return inv.chain(*blocks), params
+
+
+def grads_of(
+    run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: Sequence[torch.Tensor], *, use_grad: bool
+) -> list[torch.Tensor]:
+    """Gradients of ``run(x * 1).square().mean()`` for x and params, by backward() or autograd.grad."""
+    x = x.detach().requires_grad_()
+    out = run(x * 1)
+    loss = out.square().mean()
+    wrt = [x, *params]
+    if use_grad:
+        return list(torch.autograd.grad(loss, wrt))
+    for t in wrt:
+        t.grad = None
+    loss.backward()
+    got = [t.grad.clone() for t in wrt]  # type: ignore[union-attr]
+    for t in wrt:
+        t.grad = None
+    return got
+
+
+def assert_all_close(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], **tol: float) -> None:
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, msg=lambda m, i=i: f"tensor {i}: {m}", **tol)
+
+
+def saved_bytes(root: torch.Tensor) -> int:
+    """Bytes held by the storages that autograd nodes reachable from ``root`` saved.
+
+    A deterministic measure of activation memory: unique storages (by address), live
+    bytes only (a freed storage counts 0). Parameters (leaves) are excluded.
+    """
+    seen_nodes: set[int] = set()
+    storages: dict[int, int] = {}
+    stack = [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        tensors: list[torch.Tensor] = []
+        if hasattr(node, "saved_tensors"):
+            try:
+                tensors.extend(node.saved_tensors)
+            except RuntimeError:
+                pass
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                v = getattr(node, name)
+                if isinstance(v, torch.Tensor):
+                    tensors.append(v)
+                elif isinstance(v, (tuple, list)):
+                    tensors.extend(t for t in v if isinstance(t, torch.Tensor))
+        for t in tensors:
+            if t.is_leaf and t.requires_grad:
+                continue
+            s = t.untyped_storage()
+            storages[s.data_ptr() or id(s)] = s.nbytes()
+        stack.extend(fn for fn, _ in node.next_functions)
+    return sum(storages.values())

@@ -1,0 +1,286 @@
+"""Which inputs are freed, and that freeing never corrupts, crashes or leaks."""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import textwrap
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+import invfunc as inv
+from _util import assert_all_close, mlp, revnet
+
+F64 = {"rtol": 1e-10, "atol": 1e-12}
+
+
+def _block() -> inv.Invertible:
+    torch.manual_seed(0)
+    return inv.couple(mlp(3).double(), mlp(3).double())
+
+
+def _freed(t: torch.Tensor) -> bool:
+    with torch._C.DisableTorchFunctionSubclass():
+        return t.untyped_storage().nbytes() == 0
+
+
+def test_intermediate_is_freed_and_rebuilt_in_place() -> None:
+    block = _block()
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    h = x * 2
+    before = h.detach().clone()
+    version = h._version
+    y = inv.invertible_call(block, h)
+    assert _freed(h)
+    y.sum().backward()
+    assert not _freed(h)
+    assert h._version == version
+    torch.testing.assert_close(h.detach(), before, **F64)
+
+
+def test_leaf_input_is_never_freed_and_stays_bit_identical() -> None:
+    block = _block()
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    before = x.detach().clone()
+    y = inv.invertible_call(block, x)
+    assert not _freed(x)
+    y.sum().backward()
+    assert torch.equal(x.detach(), before)
+
+
+def test_keep_by_position_and_by_tensor() -> None:
+    block = _block()
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    h = x * 2
+    inv.invertible_call(block, h, keep=(0,))
+    assert not _freed(h)
+    inv.invertible_call(block, h, keep=[h])
+    assert not _freed(h)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda x: (x * 2)[:, :6], id="slice view"),
+        pytest.param(lambda x: (x * 2)[:, :6].t().t(), id="view of view"),
+        pytest.param(lambda x: (x * 2).narrow(1, 2, 6), id="offset view"),
+    ],
+)
+def test_views_are_kept_and_siblings_stay_readable(make) -> None:  # type: ignore[no-untyped-def]
+    block = _block()
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    h = make(x)
+    with inv.explain() as rep:
+        y = inv.invertible_call(block, h)
+    assert not _freed(h)
+    assert rep.kept and "view" in rep.kept[0][2]
+    want = torch.autograd.grad(block(make(x)).sum(), x)
+    assert_all_close(torch.autograd.grad(y.sum(), x), want, **F64)
+
+
+def test_live_sibling_view_keeps_the_base() -> None:
+    block = _block()
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    h = x * 2
+    v = h[0]
+    inv.invertible_call(block, h)
+    assert not _freed(h)
+    assert torch.isfinite(v).all()
+
+
+@pytest.mark.parametrize("act", [torch.relu, torch.sigmoid, torch.exp, torch.tanh])
+def test_activation_before_the_block(act) -> None:  # type: ignore[no-untyped-def]
+    block = _block()
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    want = torch.autograd.grad(block(act(x)).square().sum(), x)
+    h = act(x)
+    y = inv.invertible_call(block, h)
+    # sigmoid/exp/tanh save their result and use it smoothly: freed and refilled in place.
+    # ReLU's mask could flip on a rebuilt 0, so its result is kept.
+    assert _freed(h) == (act is not torch.relu)
+    got = torch.autograd.grad(y.square().sum(), x)
+    assert_all_close(got, want, **F64)
+
+
+def test_residual_use_rebuilds_the_freed_input() -> None:
+    net, params = revnet(3, 3)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    want = torch.autograd.grad((x.tanh() + net(x.tanh())).square().sum(), [x, *params])
+    h = x.tanh()
+    y = inv.invertible_call(net, h)
+    z = h + y  # reading h rebuilds it from y
+    got = torch.autograd.grad(z.square().sum(), [x, *params])
+    assert_all_close(got, want, **F64)
+
+
+def test_print_of_a_freed_tensor_rebuilds_it() -> None:
+    block = _block()
+    h = torch.randn(2, 6, dtype=torch.float64, requires_grad=True) * 1
+    ref = h.detach().clone()
+    y = inv.invertible_call(block, h)
+    assert ref.shape == h.shape and h.dtype == torch.float64  # metadata needs no rebuild
+    assert _freed(h)
+    text = repr(h)
+    assert "tensor" in text and not _freed(h)
+    torch.testing.assert_close(h.detach(), ref, **F64)
+    y.sum().backward()
+
+
+def test_same_tensor_into_two_calls() -> None:
+    b1, b2 = _block(), _block()
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    want = torch.autograd.grad((b1(x.sin()) * b2(x.sin())).sum(), x)
+    h = x.sin()
+    y1 = inv.invertible_call(b1, h)
+    y2 = inv.invertible_call(b2, h)
+    got = torch.autograd.grad((y1 * y2).sum(), x)
+    assert_all_close(got, want, **F64)
+
+
+def test_same_tensor_twice_in_one_call() -> None:
+    torch.manual_seed(0)
+    F, G = mlp(3).double(), mlp(3).double()
+    block = inv.couple(F, G)
+    x = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    want = torch.autograd.grad(sum(t.sum() for t in block(x.exp(), x.exp())), x)
+    h = x.exp()
+    y1, y2 = inv.invertible_call(block, h, h)
+    got = torch.autograd.grad(y1.sum() + y2.sum(), x)
+    assert_all_close(got, want, **F64)
+
+
+def test_output_aliasing_an_input_keeps_it() -> None:
+    ident = inv.invertible(lambda x: x, inverse=lambda y: y)
+    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    h = x * 2
+    y = inv.invertible_call(ident, h)
+    assert not _freed(h)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g, torch.full_like(x, 2.0))
+
+
+def test_non_resizable_storage_is_kept() -> None:
+    block = _block()
+    arr = np.random.randn(3, 6)
+    t = torch.from_numpy(arr)
+    with inv.explain() as rep:
+        inv.invertible_call(block, t)
+    assert not _freed(t)
+    y = inv.invertible_call(block, torch.from_numpy(arr).requires_grad_())
+    y.sum().backward()
+    assert rep.kept  # a leaf: never freed
+
+
+def test_forward_that_raises_frees_nothing() -> None:
+    def bad(h: torch.Tensor) -> torch.Tensor:
+        raise ValueError("boom")
+
+    block = inv.couple(bad)
+    x = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    h = x * 2
+    with pytest.raises(ValueError, match="boom"):
+        inv.invertible_call(block, h)
+    assert not _freed(h)
+    net = inv.chain(_block(), block)
+    with pytest.raises(ValueError, match="boom"):
+        inv.invertible_call(net, h)
+    assert torch.isfinite(h).all()
+
+
+def test_graph_dropped_without_backward_releases_everything() -> None:
+    net, _ = revnet(4, 3)
+    x = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    h = x * 2
+    y = inv.invertible_call(net, h)
+    ref = weakref.ref(y.grad_fn)
+    del y
+    gc.collect()
+    assert ref() is None
+    with pytest.raises(inv.FreedTensorError, match="keep="):
+        h.sum()
+
+
+def test_no_reference_cycles_graph_dies_without_gc() -> None:
+    net, _ = revnet(3, 3)
+    x = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    gc.disable()
+    try:
+        y = inv.invertible_call(net, x * 2)
+        ref = weakref.ref(y.grad_fn)
+        del y
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_backward_releases_rebuilt_tensors() -> None:
+    net, _ = revnet(3, 3)
+    x = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    y = inv.invertible_call(net, x * 2)
+    node = y.grad_fn
+    y.sum().backward()
+    while node is not None:  # every block's state dropped its refill handles
+        state = getattr(node, "state", None)
+        if state is None:
+            break
+        assert state.handles is None
+        node = node.next_functions[0][0]
+
+
+def test_parameter_modified_before_backward_is_detected() -> None:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 3).double()
+    block = inv.couple(lin)
+    x = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    y = inv.invertible_call(block, x * 2)
+    with torch.no_grad():
+        lin.weight.add_(1.0)  # e.g. optimizer.step() before backward
+    with pytest.raises(inv.InvfuncError, match="modified in place"):
+        y.sum().backward()
+
+
+def test_output_modified_in_place_before_backward_is_detected() -> None:
+    block = _block()
+    x = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    y = inv.invertible_call(block, x * 2)
+    z = inv.invertible_call(block, y)
+    with torch.no_grad():
+        z.mul_(2)
+    with pytest.raises(inv.InvfuncError, match="modified in place"):
+        z.sum().backward()
+
+
+def test_grad_disabled_frees_nothing() -> None:
+    block = _block()
+    x = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    h = x * 2
+    with torch.no_grad():
+        y = inv.invertible_call(block, h)
+    assert not _freed(h) and not y.requires_grad
+    with torch.inference_mode():
+        inv.invertible_call(block, h)
+    assert not _freed(h)
+
+
+def test_foreign_node_reading_a_freed_tensor_raises_instead_of_crashing() -> None:
+    code = textwrap.dedent(
+        """
+        import torch, invfunc as inv
+        block = inv.couple(torch.nn.Linear(3, 3))
+        x = torch.randn(2, 6, requires_grad=True)
+        h = x * 2
+        other = (h * h).sum()                # a node saving h itself, created before the call
+        y = inv.invertible_call(block, h)
+        try:
+            torch.autograd.grad(other, x)     # runs before anything refills h
+        except RuntimeError as e:
+            print("clean error:", "modified by an inplace operation" in str(e))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "clean error: True" in out.stdout
