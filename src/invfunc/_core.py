@@ -34,7 +34,7 @@ def _arity(fn: Callable[..., Any]) -> tuple[int, float] | None:
 
 
 def _name(fn: object) -> str:
-    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    return getattr(fn, "__name__", None) or type(fn).__name__
 
 
 class Invertible:
