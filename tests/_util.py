@@ -61,11 +61,12 @@ def saved_bytes(root: torch.Tensor) -> int:
             continue
         seen_nodes.add(id(node))
         tensors: list[torch.Tensor] = []
-        if hasattr(node, "saved_tensors"):
-            try:
-                tensors.extend(node.saved_tensors)
-            except RuntimeError:
-                pass
+        try:
+            tensors.extend(getattr(node, "saved_tensors", ()))
+        except RuntimeError:
+            # released, or freed by invfunc while its version counter is advanced
+            # (NOTE [Refilling without a trace]): holds no bytes either way
+            pass
         for name in dir(node):
             if name.startswith("_saved_"):
                 v = getattr(node, name)
