@@ -28,6 +28,7 @@ it, memory stays flat in depth.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -39,9 +40,25 @@ from ._errors import FreedTensorError, InvfuncError
 from ._replay import AutocastState, RngState, Tracer, cuda_devices
 from ._storage import Freed, StorageHandle, _rebuild_guarded, free_reason, is_freed
 
-__all__ = ["apply_block", "BlockState", "section_vjp", "explain"]
+__all__ = ["apply_block", "BlockState", "section_vjp", "explain", "replaying"]
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_local = threading.local()
+
+
+def replaying() -> bool:
+    """True while a block is re-run in backward: nested invertible calls are plain then,
+    so that the outer block's recompute sees (and differentiates) everything they read."""
+    return getattr(_local, "depth", 0) > 0
+
+
+@contextmanager
+def _replay_region() -> Iterator[None]:
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _local.depth -= 1
 
 
 class BlockState:
@@ -49,7 +66,7 @@ class BlockState:
 
     __slots__ = (
         "block", "name", "single", "n_out", "n_data", "param_template", "n_explicit",
-        "captured", "sections", "rng", "autocast", "updates", "update_refs", "in_meta",
+        "captured", "sections", "rng", "autocast", "updates", "update_refs", "norms", "in_meta",
         "handles", "kept", "precomputed", "seen", "ctx_ref", "next_ref", "__weakref__",
     )
 
@@ -68,10 +85,14 @@ class BlockState:
             return nullcontext()
         return self.rng[section].replay()
 
-    def tracer(self, captured_now: Sequence[torch.Tensor]) -> Tracer:
-        """A replay tracer mapping the recorded captured tensors to ``captured_now``."""
+    def replay_tracer(self, captured_now: Sequence[torch.Tensor]) -> Any:
+        """A replay tracer mapping the recorded captured tensors to ``captured_now``, or a
+        null context when there is nothing to substitute and no state update to skip."""
+        subst = {id(o): n for o, n in zip(self.captured, captured_now) if o is not n}
+        if not subst and not self.updates and not self.norms:
+            return nullcontext()
         tr = Tracer()
-        tr.start_replay({id(o): n for o, n in zip(self.captured, captured_now) if o is not n})
+        tr.start_replay(subst)
         tr.updates = self.updates
         return tr
 
@@ -128,6 +149,71 @@ def _fast_path(*tensors: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and not any(_is_wrapped(t) for t in tensors)
 
 
+def block_vjp(
+    state: BlockState,
+    section: str,
+    call: Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, ...]],
+    values: Sequence[torch.Tensor],
+    diff: Sequence[int],
+    n_positional: int,
+    captured_slots: Sequence[int] | None = None,
+) -> tuple[tuple[torch.Tensor, ...], Callable[[Sequence[torch.Tensor]], list[torch.Tensor | None]]]:
+    """Run ``call(values)`` and return its outputs and a pullback over ``values[i] for i in diff``.
+
+    ``values`` are the ``n_positional`` tensors ``call`` passes explicitly, then the
+    captured tensors the block reads through closures (``captured_slots`` gives their
+    indices in ``state.captured``; default all, in order).
+
+    NOTE [Two ways to a VJP]: when backward builds no graph and no ``torch.func``
+    transform is active, the block is re-run under ``enable_grad`` and differentiated
+    with ``torch.autograd.grad`` (the captured tensors are the very objects the block
+    reads). Otherwise (``create_graph=True``, ``torch.func``) it is ``torch.func.vjp``
+    of the block made pure by substituting the captured tensors (NOTE [Recording and
+    replaying a block]), which is itself differentiable and transformable.
+    """
+    slots = range(len(state.captured)) if captured_slots is None else captured_slots
+    originals = state.captured
+    if _fast_path(*values):
+        # Differentiate detached stand-ins, not the captured tensors themselves: hooks on
+        # a parameter must fire once, when autograd hands it this block's gradient.
+        vals = [v.detach().requires_grad_() if i in diff else v for i, v in enumerate(values)]
+        now = list(originals)
+        for j, slot in enumerate(slots):
+            now[slot] = vals[n_positional + j]
+        with state.replay_rng(section), torch.enable_grad(), state.replay_tracer(now), _replay_region():
+            outs = call(vals)
+        wrt = [vals[i] for i in diff]
+        live = [i for i, o in enumerate(outs) if o.requires_grad]
+
+        def fast_pullback(cts: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+            if not live or not wrt:
+                return [None] * len(wrt)
+            got = torch.autograd.grad(
+                [outs[i] for i in live], wrt, [cts[i] for i in live], allow_unused=True
+            )
+            return list(got)
+
+        return tuple(o.detach() for o in outs), fast_pullback
+
+    def pure(*diff_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        vals = list(values)
+        for i, v in zip(diff, diff_values):
+            vals[i] = v
+        now = list(originals)
+        for j, slot in enumerate(slots):
+            now[slot] = vals[n_positional + j]
+        with state.replay_tracer(now), _replay_region():
+            return call(vals)
+
+    with state.replay_rng(section):
+        outs, vjp_fn = torch.func.vjp(pure, *[values[i] for i in diff])
+
+    def pullback(cts: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        return list(vjp_fn(tuple(cts)))
+
+    return outs, pullback
+
+
 def section_vjp(
     state: BlockState,
     fn: Callable[..., Any],
@@ -141,23 +227,17 @@ def section_vjp(
     Returns the output and a function mapping a cotangent to (grad of x, [(index of
     captured tensor, grad)]). Used by couplings to evaluate F and G once each.
     """
-    idx = [i for i in state.sections.get(section, ()) if needs[i]]
-
-    def pure(xx: torch.Tensor, *caps: torch.Tensor) -> torch.Tensor:
-        now = list(captured_now)
-        for i, c in zip(idx, caps):
-            now[i] = c
-        with state.tracer(now):
-            return fn(xx)  # type: ignore[no-any-return]
-
-    with state.replay_rng(section):
-        out, vjp_fn = torch.func.vjp(pure, x, *[captured_now[i] for i in idx])
+    slots = state.sections.get(section, [])
+    idx = [i for i in slots if needs[i]]
+    values = [x, *(captured_now[i] for i in slots)]
+    diff = [0, *(1 + k for k, i in enumerate(slots) if needs[i])]
+    outs, pull = block_vjp(state, section, lambda v: (fn(v[0]),), values, diff, 1, slots)
 
     def pullback(g: torch.Tensor) -> tuple[torch.Tensor | None, list[tuple[int, torch.Tensor]]]:
-        grads = vjp_fn(g)
-        return grads[0], list(zip(idx, grads[1:]))
+        grads = pull((g,))
+        return grads[0], [(i, gi) for i, gi in zip(idx, grads[1:]) if gi is not None]
 
-    return out, pullback
+    return outs[0], pullback
 
 
 def _no_input_as_is(outs: tuple[torch.Tensor, ...], inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -181,7 +261,7 @@ class _BlockFunction(torch.autograd.Function):
         n_data, n_exp = state.n_data, state.n_explicit
         data = tensors[:n_data]
         explicit = tensors[n_data:n_data + n_exp]
-        tr = state.tracer(tensors[n_data + n_exp:])
+        tr = state.replay_tracer(tensors[n_data + n_exp:])
         with state.replay_rng(state.block._sections[0]) if state.rng else nullcontext(), tr:
             out = state.block._fn(*data, *state.merge_params(explicit))
         outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
@@ -263,7 +343,12 @@ def rebuild(
 ) -> tuple[torch.Tensor, ...]:
     """The block's inputs rebuilt by its inverse; freed storages are refilled."""
     record = torch.is_grad_enabled()
-    with torch.set_grad_enabled(record), state.replay_rng(state.block._sections[0]), state.tracer(captured):
+    with (
+        torch.set_grad_enabled(record),
+        state.replay_rng(state.block._sections[0]),
+        state.replay_tracer(captured),
+        _replay_region(),
+    ):
         got = state.block._rebuild(outs, state.merge_params(explicit))
     data = state.check_rebuilt(got)
     state.refill(data)
@@ -283,21 +368,15 @@ def _generic_vjp(
     result: list[torch.Tensor | None] = [None] * len(values)
     if not diff:
         return result
-    n_data, n_exp = state.n_data, state.n_explicit
+    n_data, n_pos = state.n_data, state.n_data + state.n_explicit
     block = state.block
 
-    def pure(*diff_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        vals = list(values)
-        for i, v in zip(diff, diff_values):
-            vals[i] = v
-        with state.tracer(vals[n_data + n_exp:]):
-            out = block._fn(*vals[:n_data], *state.merge_params(vals[n_data:n_data + n_exp]))
+    def call(vals: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        out = block._fn(*vals[:n_data], *state.merge_params(vals[n_data:n_pos]))
         return (out,) if isinstance(out, torch.Tensor) else tuple(out)
 
-    with state.replay_rng(block._sections[0]):
-        _, vjp_fn = torch.func.vjp(pure, *[values[i] for i in diff])
-    got = vjp_fn(tuple(grads))
-    for i, g in zip(diff, got):
+    _, pull = block_vjp(state, block._sections[0], call, values, diff, n_pos)
+    for i, g in zip(diff, pull(grads)):
         result[i] = g
     return result
 
@@ -464,6 +543,7 @@ def apply_block(
     state.autocast = autocast
     state.updates = tracer.updates
     state.update_refs = tracer._update_refs
+    state.norms = tracer.norms
     state.in_meta = [(t.shape, t.dtype) for t in data]
     state.kept = mode == "checkpoint"
     inputs = (*data, *param_tensors, *captured)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ._autograd import apply_block, free_call_inputs
+from ._autograd import apply_block, free_call_inputs, replaying
 from ._core import Invertible, _name
 from ._modes import check_mode, current_mode
 from ._replay import AutocastState
@@ -68,7 +68,7 @@ def invertible_call(
     if not args:
         raise TypeError(f"invfunc.invertible_call({fn._name}, *args): no inputs given.")
     fn._check_arity(args, "invertible_call")
-    if run_mode == "plain" or not torch.is_grad_enabled():
+    if run_mode == "plain" or not torch.is_grad_enabled() or replaying():
         return fn(*args)
     keep_pos, keep_ids = _keep_sets(fn, args, keep)
 

@@ -239,8 +239,9 @@ class Coupling(Invertible):
             y1, y2 = outs[0].narrow(d, 0, h), outs[0].narrow(d, h, h)
             gy1, gy2 = grads[0].narrow(d, 0, h), grads[0].narrow(d, h, h)
             if fast and handles[0] is not None and handles[0].freed:
-                x = handles[0].view()
-                x1_dst, x2_dst = x.narrow(d, 0, h), x.narrow(d, h, h)
+                # two views with their own version counters: writing x1 must not look
+                # like an in-place change of the x2 that F's recompute saved
+                x1_dst, x2_dst = handles[0].view().narrow(d, 0, h), handles[0].view().narrow(d, h, h)
             if fast:
                 gx = torch.empty_like(outs[0])
         else:

@@ -59,6 +59,7 @@ class Tracer(TorchFunctionMode):
         self.updates: set[int] = set()
         self._update_refs: list[_Tensor] = []
         self.subst: dict[int, _Tensor] = {}
+        self.norms = False  # a batch/instance norm ran: replays must not update its statistics
 
     # -- recording ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -109,6 +110,8 @@ class Tracer(TorchFunctionMode):
         for a in kwargs.values():
             if isinstance(a, _Tensor) and a.requires_grad and id(a) not in produced:
                 section.setdefault(id(a), a)
+        if func in _NORM_FUNCS:
+            self.norms = True
         if args and _is_inplace(func):
             target = args[0]
             if isinstance(target, _Tensor) and id(target) not in self.produced:
