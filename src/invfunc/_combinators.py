@@ -201,13 +201,17 @@ class Coupling(Invertible):
         y1, y2 = y.narrow(d, 0, x1.size(d)), y.narrow(d, x1.size(d), x1.size(d))
         with section("F"):
             f = self._half(self.F, "F", x2)
-        torch.add(x1, f, out=y1)
-        del f
         if self.G is None:
+            torch.add(x1, f, out=y1)
             y2.copy_(x2)
             return y
+        # G reads a contiguous y1, as in the plain call (a strided one is slower in matmuls)
+        y1c = torch.add(x1, f)
+        del f
         with section("G"):
-            g = self._half(self.G, "G", y1)
+            g = self._half(self.G, "G", y1c)
+        y1.copy_(y1c)
+        del y1c
         torch.add(x2, g, out=y2)
         return y
 
@@ -252,7 +256,9 @@ class Coupling(Invertible):
                     x1_dst, x2_dst = handles[0].view(), handles[1].view()
 
         if self.G is not None:
-            g_out, pull_g = section_vjp(state, self.G, "G", y1, captured, cap_needs)
+            g_in = y1.contiguous() if n_data == 1 else y1
+            g_out, pull_g = section_vjp(state, self.G, "G", g_in, captured, cap_needs)
+            del g_in
             x2 = torch.sub(y2, g_out, out=x2_dst) if x2_dst is not None else y2 - g_out
             del g_out
             g_y1, pairs = pull_g(gy2)
