@@ -1,0 +1,360 @@
+"""Benchmark invfunc side by side with plain autograd, torch checkpointing and the peers.
+
+Usage (see BENCHMARK.md for the reference workload and the bar)::
+
+    python benchmarks/run.py                                  # reference MLP, D = 8 32 128
+    python benchmarks/run.py --workload tiny                  # per-block Python overhead
+    python benchmarks/run.py --workload conv --depths 4 8     # convolutional RevNet stage
+    python benchmarks/run.py --depths 2 4 --batch 256 --steps 2 --out /tmp/bench   # smoke test
+
+Every (depth, configuration) runs in its own child process through
+``invfunc._measure.measure`` (NOTE [How a step is measured] there); plain autograd runs
+first at each depth and is the reference for time ratios and gradient differences. Writes
+``<workload>.md``, ``<workload>.json`` and ``<workload>.png`` (if matplotlib is installed)
+into ``--out`` (default ``benchmarks/results``). Peers are optional: a peer that is not
+installed gets a row that says so (``nox -s bench`` installs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import workloads as W  # noqa: E402
+from invfunc._measure import MeasureError, grad_difference, markdown_table, measure  # noqa: E402
+
+#: Relative difference of the gradient checksum from plain autograd's above which a row is flagged.
+CHECKSUM_RTOL = 1e-4
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workload", choices=tuple(W.WORKLOADS), default="mlp")
+    parser.add_argument(
+        "--depths", type=int, nargs="+", help="numbers of coupling blocks (default per workload)"
+    )
+    parser.add_argument("--batch", type=int, help="batch size B (default per workload)")
+    parser.add_argument("--hidden", type=int, help="width H of each half (default per workload)")
+    parser.add_argument("--steps", type=int, help="timed steps after the warm-up; time is their median")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up steps (default 1)")
+    parser.add_argument("--configs", nargs="+", choices=W.CONFIGS, default=list(W.CONFIGS), metavar="CONFIG")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per child (default 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="output folder")
+    args = parser.parse_args(argv)
+    spec = W.WORKLOADS[args.workload]
+    for name in ("depths", "batch", "hidden", "steps"):
+        if getattr(args, name) is None:
+            setattr(args, name, spec[name])
+    args.depths = sorted(set(args.depths))
+    # plain first: it is the reference of every other row at the same depth
+    args.configs = sorted(dict.fromkeys(args.configs), key=W.CONFIGS.index)
+    if min(args.depths) < 1 or min(args.batch, args.hidden, args.steps, args.warmup, args.threads) < 1:
+        parser.error("depths, batch, hidden, steps, warmup and threads must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here")
+    return args
+
+
+# -- running -------------------------------------------------------------------------------
+
+
+@contextmanager
+def progress(total: int) -> Iterator[Any]:
+    """A tqdm bar if tqdm is installed, else one line per finished configuration."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        yield _TextProgress(total)
+        return
+    with tqdm(total=total, unit="config", dynamic_ncols=True) as bar:
+        yield bar
+
+
+class _TextProgress:
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.desc, self.start = total, 0, "", time.perf_counter()
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        elapsed = time.perf_counter() - self.start
+        print(
+            f"[{self.done}/{self.total}] {self.desc} done ({elapsed:.0f} s elapsed)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def run_one(args: argparse.Namespace, depth: int, config: str, grads: Path) -> dict[str, Any]:
+    """Measure one configuration at one depth; a row of the results."""
+    row: dict[str, Any] = {"config": config, "depth": depth, "status": "ok"}
+    reason = W.peer_status(config) or (None if W.supports(args.workload, config) else "n/a")
+    if reason is not None:
+        return {**row, "status": reason}
+    options = {
+        "workload": args.workload,
+        "config": config,
+        "depth": depth,
+        "batch": args.batch,
+        "hidden": args.hidden,
+    }
+    try:
+        m = measure(
+            "workloads:build",
+            options=options,
+            steps=args.steps,
+            warmup=args.warmup,
+            seed=args.seed,
+            device=args.device,
+            threads=args.threads,
+            grads_path=grads,
+            path=[str(HERE)],
+            timeout=args.timeout,
+        )
+    except MeasureError as e:
+        return {**row, "status": "error", "error": str(e)}
+    return {
+        **row,
+        "peak_mib": m.peak_mib,
+        "cuda_peak_mib": m.cuda_peak_mib,
+        "step_ms": m.ms,
+        "step_ms_all": [1000.0 * t for t in m.step_times],
+        "loss": m.loss,
+        "checksum": m.checksum,
+    }
+
+
+def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="invfunc-bench-") as tmp,
+        progress(len(args.depths) * len(args.configs)) as bar,
+    ):
+        for depth in args.depths:
+            ref: dict[str, Any] | None = None
+            reference_grads = Path(tmp, f"plain-{depth}.pt")
+            for config in args.configs:
+                bar.set_description(f"D={depth} {config}")
+                grads = Path(tmp, f"{config}-{depth}.pt")
+                row = run_one(args, depth, config, grads)
+                if config == "plain" and row["status"] == "ok":
+                    ref = row
+                if ref is not None and row["status"] == "ok":
+                    _compare(row, ref, reference_grads, grads)
+                if grads != reference_grads:
+                    grads.unlink(missing_ok=True)  # gradient files are the size of the parameters
+                rows.append(row)
+                bar.update(1)
+            reference_grads.unlink(missing_ok=True)
+    return rows
+
+
+def _compare(row: dict[str, Any], ref: dict[str, Any], ref_grads: Path, grads: Path) -> None:
+    row["time_ratio"] = row["step_ms"] / ref["step_ms"]
+    row["memory_ratio"] = row["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] > 0 else math.nan
+    row["grad_diff"] = grad_difference(ref_grads, grads)
+    row["checksum_rel"] = abs(row["checksum"] - ref["checksum"]) / abs(ref["checksum"])
+    row["grads_match"] = row["checksum_rel"] <= CHECKSUM_RTOL
+
+
+# -- reporting -----------------------------------------------------------------------------
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    if row["status"] != "ok":
+        return row["status"]
+    value = row.get(key)
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
+def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
+    """The Markdown report: a summary across depths, then every row in detail."""
+    by = {(r["config"], r["depth"]): r for r in rows}
+    ds = args.depths
+    mem = "peak CUDA MiB" if args.device.startswith("cuda") else "peak MiB"
+    key = "cuda_peak_mib" if args.device.startswith("cuda") else "peak_mib"
+    header = ["config", *(f"{mem} D={d}" if i == 0 else f"D={d}" for i, d in enumerate(ds))]
+    header += [f"time / plain D={d}" if i == 0 else f"D={d}" for i, d in enumerate(ds)]
+    summary = [
+        [
+            W.LABELS[c],
+            *(_cell(by[c, d], key, ".1f") for d in ds),
+            *(_cell(by[c, d], "time_ratio", ".2f") for d in ds),
+        ]
+        for c in args.configs
+    ]
+    detail_header = [
+        "config",
+        "D",
+        mem,
+        "ms / step",
+        "time / plain",
+        "loss",
+        "grad checksum",
+        "max grad diff",
+        "grads",
+    ]
+    detail = []
+    for d in ds:
+        for c in args.configs:
+            r = by[c, d]
+            if r["status"] != "ok":
+                detail.append([W.LABELS[c], d, r["status"], *["-"] * 6])
+                continue
+            match = r.get("grads_match")
+            detail.append(
+                [
+                    W.LABELS[c],
+                    d,
+                    _cell(r, key, ".1f"),
+                    _cell(r, "step_ms", ".1f"),
+                    _cell(r, "time_ratio", ".2f"),
+                    _cell(r, "loss", ".6g"),
+                    _cell(r, "checksum", ".10g"),
+                    _cell(r, "grad_diff", ".1e"),
+                    "-" if match is None else ("match" if match else "MISMATCH"),
+                ]
+            )
+    errors = [
+        f"- {W.LABELS[r['config']]} D={r['depth']}: {r['error'].strip().splitlines()[-1]} (more in the JSON)"
+        for r in rows
+        if r["status"] == "error"
+    ]
+    env = environment(args)
+    lines = [
+        f"# {W.WORKLOADS[args.workload]['title']}",
+        "",
+        W.describe(args.workload, args.batch, args.hidden) + ".",
+        f"Loss y.square().mean(); float32; device {args.device}; {args.threads} thread(s) per child process; "
+        f"time = median of {args.steps} steps after {args.warmup} warm-up step(s); peak = growth of "
+        + ("torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (VmHWM)")
+        + " during one step; ratios to plain autograd in the same run.",
+        f"torch {env['torch']}, Python {env['python']}, {env['machine']}, {env['date']}; peers: "
+        + ", ".join(f"{W.LABELS[c]} {v or 'not installed'}" for c, v in env["peers"].items())
+        + ".",
+        "",
+        markdown_table(header, summary),
+        "",
+        "Gradients: checksum = sum of |grad| over all parameters and the input after the first step; "
+        f"'match' = within {CHECKSUM_RTOL:g} relative of plain autograd's; max grad diff = largest "
+        "absolute difference from plain autograd's gradients.",
+        "",
+        markdown_table(detail_header, detail),
+    ]
+    if "memcnn" in args.configs:
+        lines += [
+            "",
+            "MemCNN gets its input through a free alias (x.view_as(x)): it doubles a leaf input's gradient.",
+        ]
+    if errors:
+        lines += ["", "Errors:", *errors]
+    return "\n".join(lines) + "\n"
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "peers": {c: W.peer_version(c) for c in W.PEERS if c in args.configs},
+    }
+
+
+def plot(args: argparse.Namespace, rows: list[dict[str, Any]], path: Path) -> str:
+    """Peak memory and time against depth, one line per configuration; a message saying what happened."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot (pip install matplotlib)"
+    cuda = args.device.startswith("cuda")
+    key = "cuda_peak_mib" if cuda else "peak_mib"
+    has_ratio = any("time_ratio" in r for r in rows)
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for c in args.configs:
+        ok = [r for r in rows if r["config"] == c and r["status"] == "ok"]
+        if not ok:
+            continue
+        depths = [r["depth"] for r in ok]
+        ax_mem.plot(depths, [r[key] for r in ok], "o-", label=W.LABELS[c])
+        ax_time.plot(
+            depths, [r["time_ratio"] if has_ratio else r["step_ms"] for r in ok], "o-", label=W.LABELS[c]
+        )
+    for ax in (ax_mem, ax_time):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(args.depths, [str(d) for d in args.depths])
+        ax.set_xlabel("depth D (coupling blocks)")
+        ax.grid(True, alpha=0.3)
+    ax_mem.set_ylabel("peak CUDA MiB per step" if cuda else "peak RSS growth per step (MiB)")
+    ax_time.set_ylabel("time per step / plain autograd" if has_ratio else "ms per step")
+    ax_mem.legend(fontsize=8)
+    fig.suptitle(f"{W.WORKLOADS[args.workload]['title']}, B={args.batch}, H={args.hidden}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by None, so the JSON is standard."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    print(W.describe(args.workload, args.batch, args.hidden), file=sys.stderr)
+    print(f"depths {args.depths}; configs {', '.join(args.configs)}", file=sys.stderr)
+    rows = run_all(args)
+    text = report(args, rows)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / args.workload
+    stem.with_suffix(".md").write_text(text)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    blob = {
+        "workload": args.workload,
+        "settings": settings,
+        "environment": environment(args),
+        "results": rows,
+    }
+    stem.with_suffix(".json").write_text(json.dumps(_finite(blob), indent=2, allow_nan=False) + "\n")
+    print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}", file=sys.stderr)
+    print(plot(args, rows, stem.with_suffix(".png")), file=sys.stderr)
+    bad = [r for r in rows if r["status"] == "error" or r.get("grads_match") is False]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
