@@ -174,12 +174,19 @@ def block_vjp(
     slots = range(len(state.captured)) if captured_slots is None else captured_slots
     originals = state.captured
     if _fast_path(*values):
-        # Differentiate detached stand-ins, not the captured tensors themselves: hooks on
-        # a parameter must fire once, when autograd hands it this block's gradient.
-        vals = [v.detach().requires_grad_() if i in diff else v for i, v in enumerate(values)]
-        now = list(originals)
-        for j, slot in enumerate(slots):
-            now[slot] = vals[n_positional + j]
+        # A captured tensor with hooks is differentiated through a detached stand-in, so
+        # its hooks fire once, when autograd hands it this block's gradient; the others
+        # are differentiated directly (no substitution needed: cheaper).
+        hooked = any(values[i]._backward_hooks for i in diff if i >= n_positional)
+        vals = [
+            v.detach().requires_grad_() if i in diff and (hooked or i < n_positional) else v
+            for i, v in enumerate(values)
+        ]
+        now: Sequence[torch.Tensor] = ()
+        if hooked:
+            now = list(originals)
+            for j, slot in enumerate(slots):
+                now[slot] = vals[n_positional + j]
         with state.replay_rng(section), torch.enable_grad(), state.replay_tracer(now), _replay_region():
             outs = call(vals)
         wrt = [vals[i] for i in diff]
@@ -497,10 +504,10 @@ def apply_block(
     @contextmanager
     def section(name: str) -> Iterator[None]:
         rng[name] = RngState(devices)
-        with tracer.section(name):
+        with tracer.section(name), tracer:
             yield
 
-    with torch.no_grad(), tracer:
+    with torch.no_grad():
         if len(block._sections) == 1:
             with section(block._sections[0]):
                 out = block._run(args, section)
@@ -559,7 +566,7 @@ def apply_block(
 
 def free_call_inputs(state: BlockState, data: Sequence[Any], keep: Callable[[int, torch.Tensor], bool]) -> None:
     """Free the caller's inputs of a whole call, once every block's forward succeeded."""
-    _free_inputs(state, [t for t in data if isinstance(t, torch.Tensor)][: state.n_data], True, keep)
+    _free_inputs(state, list(data[: state.n_data]), True, keep)
 
 
 def _free_inputs(

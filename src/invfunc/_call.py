@@ -79,12 +79,13 @@ def invertible_call(
         return id(t) in keep_ids
 
     autocast = AutocastState()
-    blocks = fn._flatten()
-    out: Any = args
+    blocks, out, last_params = fn._plan(args)
     single = False
     state = first = None
     for k, block in enumerate(blocks):
         cur = out if not single else (out,)
+        if k == len(blocks) - 1:
+            cur = (*cur, *last_params)
         out, single, state = apply_block(
             block,
             cur,
@@ -99,7 +100,7 @@ def invertible_call(
         if single:
             out = out[0]
     if run_mode == "invertible" and first is not None:
-        free_call_inputs(first, args, keep_input)
+        free_call_inputs(first, args, keep_input)  # inputs are the leading arguments
     return out
 
 

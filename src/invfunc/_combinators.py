@@ -15,31 +15,47 @@ __all__ = ["chain", "couple", "Chain", "Coupling"]
 
 
 class Chain(Invertible):
-    """Invertible functions applied in list order (see :func:`chain`)."""
+    """Invertible functions applied in list order (see :func:`chain`).
 
-    def __init__(self, blocks: Sequence[Invertible]) -> None:
+    Trailing parameters go to the block that takes them: the first block of a chain,
+    and so the last block (its inverse) of the inverse chain.
+    """
+
+    def __init__(self, blocks: Sequence[Invertible], params_last: int | None = None) -> None:
         self.blocks = tuple(blocks)
+        self._params_last = params_last
         names = ", ".join(b._name for b in self.blocks)
-        super().__init__(self._forward, self._backward_fn, n_inputs=self.blocks[0].n_inputs,
+        super().__init__(self._forward, self._inverse_fn, n_inputs=self.blocks[0].n_inputs,
                          name=f"chain({names})", wraps=False)
         self._arity = None
 
+    def _plan(self, args: Sequence[Any]) -> tuple[list[Invertible], tuple[Any, ...], tuple[Any, ...]]:
+        blocks = self._flatten()
+        p = self._params_last
+        if not p:
+            return blocks, tuple(args), ()
+        if len(args) <= p:
+            raise TypeError(
+                f"invfunc.{self._name}: expected the outputs to invert followed by {p} parameter(s) "
+                f"of its last block, got {len(args)} arguments."
+            )
+        return blocks, tuple(args[:-p]), tuple(args[-p:])
+
     def _forward(self, *args: Any) -> Any:
-        out: Any = args
-        for b in self.blocks:
-            out = b(*out) if isinstance(out, tuple) else b(out)
+        blocks, first, last = self._plan(args)
+        out: Any = first
+        for i, b in enumerate(blocks):
+            extra = last if i == len(blocks) - 1 else ()
+            out = b(*out, *extra) if isinstance(out, tuple) else b(out, *extra)
         return out
 
-    def _backward_fn(self, *args: Any) -> Any:
-        out: Any = args
-        for b in reversed(self.blocks):
-            out = b.inverse(*out) if isinstance(out, tuple) else b.inverse(out)
-        return out
+    def _inverse_fn(self, *args: Any) -> Any:
+        return self.inverse(*args)
 
     @property
     def inverse(self) -> Invertible:
         if self._inverse is None:
-            inv = Chain([b.inverse for b in reversed(self.blocks)])
+            inv = Chain([b.inverse for b in reversed(self._flatten())], params_last=_n_params(self._flatten()[0]))
             inv._inverse = self
             self._inverse = inv
         return self._inverse
@@ -49,6 +65,14 @@ class Chain(Invertible):
 
     def _n_data(self, args: Sequence[Any]) -> int:
         return self.blocks[0]._n_data(args)
+
+
+def _n_params(block: Invertible) -> int:
+    """How many trailing parameters ``block`` takes (0 when its signature is unknown)."""
+    arity = block._arity
+    if arity is None or arity[1] == float("inf"):
+        return 0
+    return max(int(arity[1]) - block.n_inputs, 0)
 
 
 def chain(*fns: Invertible) -> Invertible:
@@ -140,7 +164,9 @@ class Coupling(Invertible):
         return y1, y2
 
     def _half(self, fn: Callable[..., Any], which: str, x: torch.Tensor) -> torch.Tensor:
-        out = fn(x)
+        return self._check_half(fn(x), which, x)
+
+    def _check_half(self, out: Any, which: str, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             raise ValueError(
                 f"invfunc.{self._name}: {which} returned {_shape(out)} for a half of shape {tuple(x.shape)}; "
@@ -178,29 +204,34 @@ class Coupling(Invertible):
         return len(args)
 
     def _run(self, args: Sequence[Any], section: Callable[[str], AbstractContextManager[None]]) -> Any:
+        # Only F and G run inside sections (recorded); the coupling's own arithmetic runs
+        # on detached views, so it is neither recorded nor mistaken for a captured tensor.
+        check = self._check_half
         if len(args) == 2:
-            x1, x2 = args
+            x1, x2 = args[0].detach(), args[1].detach()
             with section("F"):
-                y1 = x1 + self._half(self.F, "F", x2)
+                f = self.F(x2)
+            y1 = x1 + check(f, "F", x2)
             if self.G is None:
                 return y1, x2
             with section("G"):
-                g = self._half(self.G, "G", y1)
-            return y1, x2 + g
+                g = self.G(y1)
+            return y1, x2 + check(g, "G", y1)
         x = args[0]
         if _is_wrapped(x):  # under torch.func: no out= writes
+            x1, x2, d = self._split(x, "the input")
             with section("F"):
-                x1, x2, d = self._split(x, "the input")
-                y1 = x1 + self._half(self.F, "F", x2)
+                y1 = x1 + check(self.F(x2), "F", x2)
             if self.G is None:
                 return torch.cat([y1, x2], d)
             with section("G"):
-                return torch.cat([y1, x2 + self._half(self.G, "G", y1)], d)
-        x1, x2, d = self._split(x, "the input")
+                return torch.cat([y1, x2 + check(self.G(y1), "G", y1)], d)
+        x1, x2, d = self._split(x.detach(), "the input")
         y = torch.empty_like(x)
         y1, y2 = y.narrow(d, 0, x1.size(d)), y.narrow(d, x1.size(d), x1.size(d))
         with section("F"):
-            f = self._half(self.F, "F", x2)
+            f = self.F(x2)
+        check(f, "F", x2)
         if self.G is None:
             torch.add(x1, f, out=y1)
             y2.copy_(x2)
@@ -209,7 +240,8 @@ class Coupling(Invertible):
         y1c = torch.add(x1, f)
         del f
         with section("G"):
-            g = self._half(self.G, "G", y1c)
+            g = self.G(y1c)
+        check(g, "G", y1c)
         y1.copy_(y1c)
         del y1c
         torch.add(x2, g, out=y2)
@@ -236,6 +268,8 @@ class Coupling(Invertible):
 
         handles = state.handles or [None] * n_data
         fast = _fast_path(*outs, *grads)
+        if fast:  # plain tensors: views of them are cheaper to make
+            outs = [o.detach() for o in outs]
         x1_dst = x2_dst = gx = None
         if n_data == 1:
             d = self.dim % outs[0].dim()

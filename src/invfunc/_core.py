@@ -126,6 +126,11 @@ class Invertible:
     def _n_data(self, args: Sequence[Any]) -> int:
         return self.n_inputs
 
+    def _plan(self, args: Sequence[Any]) -> tuple[list[Invertible], tuple[Any, ...], tuple[Any, ...]]:
+        """The blocks to run, the first block's arguments, and extra trailing arguments
+        for the last block (see :class:`invfunc._combinators.Chain`)."""
+        return self._flatten(), tuple(args), ()
+
     def _run(self, args: Sequence[Any], section: Callable[[str], Any]) -> Any:
         """The forward, run once under no_grad while the engine records (see _autograd.py)."""
         return self._fn(*args)
