@@ -13,7 +13,9 @@ def mlp(h: int, act: type[torch.nn.Module] = torch.nn.Tanh) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(h, h), act(), torch.nn.Linear(h, h))
 
 
-def revnet(depth: int, h: int, *, seed: int = 0, dtype: torch.dtype = torch.float64) -> tuple[inv.Invertible, list[torch.Tensor]]:
+def revnet(
+    depth: int, h: int, *, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> tuple[inv.Invertible, list[torch.Tensor]]:
     """A chain of ``depth`` couplings with MLP F and G, and its parameters."""
     torch.manual_seed(seed)
     blocks = [inv.couple(mlp(h).to(dtype), mlp(h).to(dtype)) for _ in range(depth)]
@@ -22,7 +24,11 @@ def revnet(depth: int, h: int, *, seed: int = 0, dtype: torch.dtype = torch.floa
 
 
 def grads_of(
-    run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: Sequence[torch.Tensor], *, use_grad: bool
+    run: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    *,
+    use_grad: bool,
 ) -> list[torch.Tensor]:
     """Gradients of ``run(x * 1).square().mean()`` for x and params, by backward() or autograd.grad."""
     x = x.detach().requires_grad_()

@@ -78,7 +78,9 @@ def test_nothing_requires_grad_is_a_plain_call() -> None:
 
 def test_unknown_mode() -> None:
     block = inv.couple(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match=r"invertible_call\(couple\(Linear\).*unknown mode 'fast'.*'invertible'"):
+    with pytest.raises(
+        ValueError, match=r"invertible_call\(couple\(Linear\).*unknown mode 'fast'.*'invertible'"
+    ):
         inv.invertible_call(block, torch.randn(1, 4), mode="fast")
     with pytest.raises(ValueError, match=r"invfunc.mode\(value\): unknown mode"):
         with inv.mode("fast"):  # type: ignore[arg-type]
@@ -86,7 +88,9 @@ def test_unknown_mode() -> None:
 
 
 def test_not_an_invertible() -> None:
-    with pytest.raises(TypeError, match=r"invertible_call\(fn, \*args\): fn must be an Invertible.*invertible\(fn, inverse"):
+    with pytest.raises(
+        TypeError, match=r"invertible_call\(fn, \*args\): fn must be an Invertible.*invertible\(fn, inverse"
+    ):
         inv.invertible_call(torch.exp, torch.randn(2))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"chain\(\*fns\): argument 1 is .*not an Invertible"):
         inv.chain(inv.couple(torch.nn.Linear(1, 1)), torch.nn.Linear(2, 2))  # type: ignore[arg-type]
@@ -99,7 +103,9 @@ def test_wrong_arity() -> None:
     with pytest.raises(TypeError, match=r"invertible_call\(<lambda>, \.\.\.\): <lambda> takes 2 positional"):
         inv.invertible_call(f, torch.randn(2, requires_grad=True))
     with pytest.raises(TypeError, match=r"expected one tensor or a pair"):
-        inv.invertible_call(inv.couple(torch.nn.Linear(1, 1)), torch.randn(2, 2), torch.randn(2, 2), torch.randn(1))
+        inv.invertible_call(
+            inv.couple(torch.nn.Linear(1, 1)), torch.randn(2, 2), torch.randn(2, 2), torch.randn(1)
+        )
 
 
 def test_odd_split_and_bad_dim_and_bad_half() -> None:
@@ -117,7 +123,9 @@ def test_inverse_returning_the_wrong_shape() -> None:
     f = inv.invertible(lambda x: x * 2, inverse=lambda y: (y / 2)[:1])
     x = torch.randn(3, requires_grad=True)
     y = inv.invertible_call(f, x * 1)
-    with pytest.raises(inv.InvfuncError, match=r"invertible_call\(<lambda>\) backward: the inverse rebuilt input 0"):
+    with pytest.raises(
+        inv.InvfuncError, match=r"invertible_call\(<lambda>\) backward: the inverse rebuilt input 0"
+    ):
         y.sum().backward()
 
 

@@ -51,7 +51,7 @@ def test_pair_form_and_one_sided_coupling() -> None:
 
     def loss(run):  # type: ignore[no-untyped-def]
         y1, y2 = run(x1 * 1, x2 * 1)
-        return (y1.square().sum() + (y2 * 3).sin().sum())
+        return y1.square().sum() + (y2 * 3).sin().sum()
 
     want = torch.autograd.grad(loss(net), [x1, x2, *params])
     got = torch.autograd.grad(loss(lambda a, b: inv.invertible_call(net, a, b)), [x1, x2, *params])

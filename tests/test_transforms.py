@@ -18,7 +18,7 @@ def _block(dim: int = 1) -> tuple[inv.Invertible, torch.nn.Module, torch.nn.Modu
 
 
 def test_func_grad_with_functional_call_swapping_parameters() -> None:
-    block, F, G = _block()
+    _, F, G = _block()
     params = {k: v.detach() + 0.1 for k, v in F.named_parameters()}
     x = torch.randn(4, 6, dtype=torch.float64)
 

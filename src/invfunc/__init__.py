@@ -13,18 +13,18 @@ from ._errors import FreedTensorError, InvfuncError
 from ._modes import MODES, current_mode, mode
 
 __all__ = [
+    "MODES",
+    "FreedTensorError",
     "Invertible",
-    "invertible",
-    "inverse",
+    "InvfuncError",
     "chain",
     "couple",
+    "current_mode",
+    "explain",
+    "inverse",
+    "invertible",
     "invertible_call",
     "mode",
-    "current_mode",
-    "MODES",
-    "explain",
-    "InvfuncError",
-    "FreedTensorError",
 ]
 
 __version__ = "0.1.0"

@@ -40,7 +40,7 @@ from ._errors import FreedTensorError, InvfuncError
 from ._replay import AutocastState, RngState, Tracer, cuda_devices
 from ._storage import Freed, StorageHandle, _rebuild_guarded, free_reason, is_freed
 
-__all__ = ["apply_block", "BlockState", "section_vjp", "explain", "replaying"]
+__all__ = ["BlockState", "apply_block", "explain", "replaying", "section_vjp"]
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _local = threading.local()
@@ -65,10 +65,45 @@ class BlockState:
     """Everything a block's backward needs besides the saved tensors."""
 
     __slots__ = (
-        "block", "name", "single", "n_out", "n_data", "param_template", "n_explicit",
-        "captured", "sections", "rng", "autocast", "updates", "update_refs", "norms", "in_meta",
-        "handles", "kept", "precomputed", "seen", "ctx_ref", "next_ref", "__weakref__",
+        "__weakref__",
+        "autocast",
+        "block",
+        "captured",
+        "ctx_ref",
+        "handles",
+        "in_meta",
+        "kept",
+        "n_data",
+        "n_explicit",
+        "n_out",
+        "name",
+        "next_ref",
+        "norms",
+        "param_template",
+        "precomputed",
+        "rng",
+        "sections",
+        "seen",
+        "single",
+        "update_refs",
+        "updates",
     )
+    block: Any
+    name: str
+    single: bool
+    n_out: int
+    n_data: int
+    param_template: list[Any]
+    n_explicit: int
+    captured: list[torch.Tensor]
+    sections: dict[str, list[int]]
+    rng: dict[str, RngState] | None
+    autocast: AutocastState
+    updates: set[int]
+    update_refs: list[torch.Tensor]
+    norms: bool
+    in_meta: list[tuple[torch.Size, torch.dtype]]
+    kept: bool
 
     def __init__(self, block: Any) -> None:
         self.block = block
@@ -195,9 +230,7 @@ def block_vjp(
         def fast_pullback(cts: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
             if not live or not wrt:
                 return [None] * len(wrt)
-            got = torch.autograd.grad(
-                [outs[i] for i in live], wrt, [cts[i] for i in live], allow_unused=True
-            )
+            got = torch.autograd.grad([outs[i] for i in live], wrt, [cts[i] for i in live], allow_unused=True)
             return list(got)
 
         return tuple(o.detach() for o in outs), fast_pullback
@@ -213,7 +246,7 @@ def block_vjp(
             return call(vals)
 
     with state.replay_rng(section):
-        outs, vjp_fn = torch.func.vjp(pure, *[values[i] for i in diff])
+        outs, vjp_fn = torch.func.vjp(pure, *[values[i] for i in diff])  # type: ignore[misc]
 
     def pullback(cts: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         return list(vjp_fn(tuple(cts)))
@@ -228,7 +261,9 @@ def section_vjp(
     x: torch.Tensor,
     captured_now: Sequence[torch.Tensor],
     needs: Sequence[bool],
-) -> tuple[torch.Tensor, Callable[[torch.Tensor], tuple[torch.Tensor | None, list[tuple[int, torch.Tensor]]]]]:
+) -> tuple[
+    torch.Tensor, Callable[[torch.Tensor], tuple[torch.Tensor | None, list[tuple[int, torch.Tensor]]]]
+]:
     """``fn(x)`` and its VJP over ``x`` and the captured tensors ``fn`` reads.
 
     Returns the output and a function mapping a cotangent to (grad of x, [(index of
@@ -247,7 +282,9 @@ def section_vjp(
     return outs[0], pullback
 
 
-def _no_input_as_is(outs: tuple[torch.Tensor, ...], inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def _no_input_as_is(
+    outs: tuple[torch.Tensor, ...], inputs: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
     """Outputs that are inputs become views of them: autograd saves outputs, not inputs."""
     ids = {id(t) for t in inputs}
     if not any(id(o) in ids for o in outs):
@@ -267,8 +304,8 @@ class _BlockFunction(torch.autograd.Function):
         # Under torch.func the forward receives unwrapped tensors: recompute on them.
         n_data, n_exp = state.n_data, state.n_explicit
         data = tensors[:n_data]
-        explicit = tensors[n_data:n_data + n_exp]
-        tr = state.replay_tracer(tensors[n_data + n_exp:])
+        explicit = tensors[n_data : n_data + n_exp]
+        tr = state.replay_tracer(tensors[n_data + n_exp :])
         with state.replay_rng(state.block._sections[0]) if state.rng else nullcontext(), tr:
             out = state.block._fn(*data, *state.merge_params(explicit))
         outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
@@ -278,7 +315,7 @@ class _BlockFunction(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
         state: BlockState = inputs[0]
         tensors = inputs[1:]
-        params = tensors[state.n_data:]
+        params = tensors[state.n_data :]
         if state.kept:
             ctx.save_for_backward(*output, *params, *tensors[: state.n_data])
         else:
@@ -324,21 +361,18 @@ def _block_backward(
     grads: Sequence[torch.Tensor],
     needs: Sequence[bool],
 ) -> list[torch.Tensor | None]:
-    n_out, n_data, n_exp = state.n_out, state.n_data, state.n_explicit
+    n_out, _n_data, n_exp = state.n_out, state.n_data, state.n_explicit
     n_cap = len(state.captured)
     outs = saved[:n_out]
-    explicit = saved[n_out:n_out + n_exp]
-    captured = saved[n_out + n_exp:n_out + n_exp + n_cap]
-    kept = saved[n_out + n_exp + n_cap:] if state.kept else None
+    explicit = saved[n_out : n_out + n_exp]
+    captured = saved[n_out + n_exp : n_out + n_exp + n_cap]
+    kept = saved[n_out + n_exp + n_cap :] if state.kept else None
     block = state.block
     with state.autocast.replay():
         fused = getattr(block, "_fused_backward", None)
         if kept is None and fused is not None:
             return fused(state, outs, grads, explicit, captured, needs)  # type: ignore[no-any-return]
-        if kept is not None:
-            data = kept
-        else:
-            data = rebuild(state, outs, explicit, captured)
+        data = kept if kept is not None else rebuild(state, outs, explicit, captured)
         return _generic_vjp(state, data, explicit, captured, grads, needs)
 
 
@@ -389,6 +423,7 @@ def _generic_vjp(
 
 
 # -- applying a block -----------------------------------------------------------------
+
 
 class _Explain:
     def __init__(self) -> None:
@@ -448,8 +483,8 @@ def _materialize(state: BlockState | None) -> None:
         ) from e
     n_out, n_exp = state.n_out, state.n_explicit
     outs = saved[:n_out]
-    explicit = saved[n_out:n_out + n_exp]
-    captured = saved[n_out + n_exp:n_out + n_exp + len(state.captured)]
+    explicit = saved[n_out : n_out + n_exp]
+    captured = saved[n_out + n_exp : n_out + n_exp + len(state.captured)]
     with torch.no_grad(), state.autocast.replay():
         rebuild(state, outs, explicit, captured)
     del saved, outs
@@ -536,7 +571,11 @@ def apply_block(
                 where[key] = len(captured)
                 captured.append(t)
             idx.append(where[key])
-    if not captured and not any(t.requires_grad for t in data) and not any(p.requires_grad for p in param_tensors):
+    if (
+        not captured
+        and not any(t.requires_grad for t in data)
+        and not any(p.requires_grad for p in param_tensors)
+    ):
         return outs, single, None  # nothing requires grad: a plain call
     first = rng[block._sections[0]]
     state.rng = None if first.unchanged() else rng
@@ -556,7 +595,7 @@ def apply_block(
     inputs = (*data, *param_tensors, *captured)
     state.precomputed = outs
     state.seen = inputs
-    result = _BlockFunction.apply(state, *inputs)
+    result = _BlockFunction.apply(state, *inputs)  # type: ignore[no-untyped-call]
     if previous is not None:
         previous.next_ref = weakref.ref(state)
     if mode == "invertible" and not guard:
@@ -564,7 +603,9 @@ def apply_block(
     return result, single, state
 
 
-def free_call_inputs(state: BlockState, data: Sequence[Any], keep: Callable[[int, torch.Tensor], bool]) -> None:
+def free_call_inputs(
+    state: BlockState, data: Sequence[Any], keep: Callable[[int, torch.Tensor], bool]
+) -> None:
     """Free the caller's inputs of a whole call, once every block's forward succeeded."""
     _free_inputs(state, list(data[: state.n_data]), True, keep)
 

@@ -64,7 +64,11 @@ def invertible_call(
             f"({type(fn).__name__}); wrap it with invfunc.invertible(fn, inverse=...) or build it "
             "with invfunc.couple / invfunc.chain."
         )
-    run_mode = current_mode() if mode is None else check_mode(mode, f"invfunc.invertible_call({fn._name}, ..., mode=...)")
+    run_mode = (
+        current_mode()
+        if mode is None
+        else check_mode(mode, f"invfunc.invertible_call({fn._name}, ..., mode=...)")
+    )
     if not args:
         raise TypeError(f"invfunc.invertible_call({fn._name}, *args): no inputs given.")
     fn._check_arity(args, "invertible_call")
@@ -104,7 +108,9 @@ def invertible_call(
     return out
 
 
-def _keep_sets(fn: Invertible, args: Sequence[Any], keep: Sequence[int | torch.Tensor]) -> tuple[set[int], set[int]]:
+def _keep_sets(
+    fn: Invertible, args: Sequence[Any], keep: Sequence[int | torch.Tensor]
+) -> tuple[set[int], set[int]]:
     if isinstance(keep, (int, torch.Tensor)):
         keep = (keep,)
     pos: set[int] = set()

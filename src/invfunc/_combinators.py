@@ -11,7 +11,7 @@ import torch
 from ._autograd import BlockState, _fast_path, _is_wrapped, section_vjp
 from ._core import Invertible, _name
 
-__all__ = ["chain", "couple", "Chain", "Coupling"]
+__all__ = ["Chain", "Coupling", "chain", "couple"]
 
 
 class Chain(Invertible):
@@ -25,8 +25,13 @@ class Chain(Invertible):
         self.blocks = tuple(blocks)
         self._params_last = params_last
         names = ", ".join(b._name for b in self.blocks)
-        super().__init__(self._forward, self._inverse_fn, n_inputs=self.blocks[0].n_inputs,
-                         name=f"chain({names})", wraps=False)
+        super().__init__(
+            self._forward,
+            self._inverse_fn,
+            n_inputs=self.blocks[0].n_inputs,
+            name=f"chain({names})",
+            wraps=False,
+        )
         self._arity = None
 
     def _plan(self, args: Sequence[Any]) -> tuple[list[Invertible], tuple[Any, ...], tuple[Any, ...]]:
@@ -55,7 +60,9 @@ class Chain(Invertible):
     @property
     def inverse(self) -> Invertible:
         if self._inverse is None:
-            inv = Chain([b.inverse for b in reversed(self._flatten())], params_last=_n_params(self._flatten()[0]))
+            inv = Chain(
+                [b.inverse for b in reversed(self._flatten())], params_last=_n_params(self._flatten()[0])
+            )
             inv._inverse = self
             self._inverse = inv
         return self._inverse
@@ -128,7 +135,9 @@ class Coupling(Invertible):
     # -- plain, differentiable directions -------------------------------------------
     def _split(self, x: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"invfunc.{self._name}: expected a tensor or a pair of tensors, got {type(x).__name__}.")
+            raise TypeError(
+                f"invfunc.{self._name}: expected a tensor or a pair of tensors, got {type(x).__name__}."
+            )
         if not -x.dim() <= self.dim < max(x.dim(), 1):
             raise ValueError(
                 f"invfunc.{self._name}: dim={self.dim} is out of range for {what} of shape {tuple(x.shape)}; "
@@ -295,12 +304,10 @@ class Coupling(Invertible):
             del g_in
             x2 = torch.sub(y2, g_out, out=x2_dst) if x2_dst is not None else y2 - g_out
             del g_out
-            g_y1, pairs = pull_g(gy2)
+            g_y1_or_none, pairs = pull_g(gy2)
+            g_y1 = g_y1_or_none if g_y1_or_none is not None else torch.zeros_like(gy1)  # G ignores y1
             add(pairs)
-            if gx is not None:
-                gz1 = torch.add(gy1, g_y1, out=gx.narrow(d, 0, h))
-            else:
-                gz1 = gy1 + g_y1
+            gz1 = torch.add(gy1, g_y1, out=gx.narrow(d, 0, h)) if gx is not None else gy1 + g_y1
             del g_y1
         else:
             x2 = x2_dst.copy_(y2) if x2_dst is not None else y2
@@ -308,7 +315,8 @@ class Coupling(Invertible):
         f_out, pull_f = section_vjp(state, self.F, "F", x2, captured, cap_needs)
         x1 = torch.sub(y1, f_out, out=x1_dst) if x1_dst is not None else y1 - f_out
         del f_out
-        g_x2, pairs = pull_f(gz1)
+        g_x2_or_none, pairs = pull_f(gz1)
+        g_x2 = g_x2_or_none if g_x2_or_none is not None else torch.zeros_like(gy2)  # F ignores x2
         add(pairs)
         if gx is not None:
             if self.G is None:
@@ -382,4 +390,3 @@ def couple(F: Callable[..., Any], G: Callable[..., Any] | None = None, *, dim: i
     if not isinstance(dim, int) or isinstance(dim, bool):
         raise TypeError(f"invfunc.couple(F, G, dim=...): dim must be an int, got {dim!r}.")
     return Coupling(F, G, dim)
-

@@ -9,7 +9,7 @@ from typing import Any, TypeVar, overload
 
 import torch
 
-__all__ = ["Invertible", "invertible", "inverse"]
+__all__ = ["Invertible", "inverse", "invertible"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -73,7 +73,7 @@ class Invertible:
         if not callable(fn):
             raise TypeError(f"invfunc.invertible: expected a callable to wrap, got {type(fn).__name__}.")
         if isinstance(inverse, Invertible):
-            inverse = inverse._fn
+            inverse = inverse.__call__
         if not callable(inverse):
             raise TypeError(
                 f"invfunc.invertible({_name(fn)}): inverse= must be a callable, got {type(inverse).__name__}."
@@ -189,6 +189,7 @@ def invertible(
         >>> w.grad
         tensor([3., 3.])
     """
+
     def wrap(f: Callable[..., Any]) -> Invertible:
         return Invertible(f, inverse, n_inputs=n_inputs)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["InvfuncError", "FreedTensorError"]
+__all__ = ["FreedTensorError", "InvfuncError"]
 
 
 class InvfuncError(RuntimeError):

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterator
 from typing import Literal
 
-__all__ = ["MODES", "Mode", "mode", "current_mode", "check_mode"]
+__all__ = ["MODES", "Mode", "check_mode", "current_mode", "mode"]
 
 Mode = Literal["invertible", "checkpoint", "plain"]
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Tracer", "RngState", "AutocastState"]
+__all__ = ["AutocastState", "RngState", "Tracer"]
 
 _Tensor = torch.Tensor
 _NORM_FUNCS = {
@@ -140,7 +140,9 @@ class Tracer(TorchFunctionMode):
                 new_args.append(a)
             args = new_args
             if kwargs:
-                kwargs = {k: (subst.get(id(v), v) if isinstance(v, _Tensor) else v) for k, v in kwargs.items()}
+                kwargs = {
+                    k: (subst.get(id(v), v) if isinstance(v, _Tensor) else v) for k, v in kwargs.items()
+                }
         norm = _NORM_FUNCS.get(func)
         if norm is not None:
             args, kwargs = _without_running_stats(norm, list(args), kwargs)
@@ -210,9 +212,7 @@ class AutocastState:
 
     def __init__(self) -> None:
         self.settings = [
-            (dev, torch.get_autocast_dtype(dev))
-            for dev in ("cpu", "cuda")
-            if torch.is_autocast_enabled(dev)
+            (dev, torch.get_autocast_dtype(dev)) for dev in ("cpu", "cuda") if torch.is_autocast_enabled(dev)
         ]
 
     @contextlib.contextmanager

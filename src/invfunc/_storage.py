@@ -35,6 +35,7 @@ device, ``requires_grad``) stays readable without a rebuild.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,7 +44,7 @@ import torch
 
 from ._errors import FreedTensorError
 
-__all__ = ["Freed", "free_reason", "StorageHandle", "is_freed"]
+__all__ = ["Freed", "StorageHandle", "free_reason", "is_freed"]
 
 _use_count = torch._C._storage_Use_Count
 _set_version = torch._C._autograd._unsafe_set_version_counter
@@ -53,8 +54,15 @@ _RESULT_SAVERS: dict[type, bool] = {}
 # (equal up to round-off) gives the gradient up to round-off. ReLU and other
 # thresholds are not among them: a rebuilt 0 may come back as 1e-17 and flip the mask.
 _SMOOTH_RESULT_SAVERS = {
-    "SigmoidBackward0", "TanhBackward0", "ExpBackward0", "Exp2Backward0", "SqrtBackward0",
-    "RsqrtBackward0", "SoftmaxBackward0", "LogSoftmaxBackward0", "ReciprocalBackward0",
+    "SigmoidBackward0",
+    "TanhBackward0",
+    "ExpBackward0",
+    "Exp2Backward0",
+    "SqrtBackward0",
+    "RsqrtBackward0",
+    "SoftmaxBackward0",
+    "LogSoftmaxBackward0",
+    "ReciprocalBackward0",
 }
 
 
@@ -130,7 +138,7 @@ def free_reason(t: torch.Tensor, extra_refs: int = 0) -> str | None:
 class StorageHandle:
     """A freed storage, with what is needed to refill it and to guard its tensor."""
 
-    __slots__ = ("storage", "nbytes", "size", "stride", "dtype", "version", "tensor", "__weakref__")
+    __slots__ = ("__weakref__", "dtype", "nbytes", "size", "storage", "stride", "tensor", "version")
 
     def __init__(self, t: torch.Tensor, guard: bool) -> None:
         self.storage = t.untyped_storage()
@@ -143,14 +151,15 @@ class StorageHandle:
         # dropped the tensor (the previous block's saved output shares that counter).
         self.tensor: torch.Tensor | None = t if guard else None
 
-    def free(self, rebuild: Callable[[], None]) -> None:
+    def free(self, rebuild: Callable[[], None] | None) -> None:
         self.storage.resize_(0)
         t = self.tensor
         if t is not None:
             _set_version((t,), (self.version + 1,))
             t.__class__ = Freed
             key = id(t)
-            _GUARDS[key] = (weakref.ref(t, lambda _, k=key: _forget(k)), rebuild)
+            if rebuild is not None:
+                _GUARDS[key] = (weakref.ref(t, functools.partial(_forget, key)), rebuild)
 
     def view(self) -> torch.Tensor:
         """A new tensor on the (refilled) storage, with its own version counter."""
@@ -172,7 +181,7 @@ class StorageHandle:
         if t is not None:
             _GUARDS.pop(id(t), None)
             if type(t) is Freed:
-                t.__class__ = torch.Tensor
+                t.__class__ = torch.Tensor  # type: ignore[assignment]
                 _set_version((t,), (self.version,))
 
 
@@ -180,18 +189,52 @@ class StorageHandle:
 _GUARDS: dict[int, tuple[weakref.ref[torch.Tensor], Callable[[], None]]] = {}
 
 
-def _forget(key: int) -> None:
+def _forget(key: int, _ref: object = None) -> None:
     entry = _GUARDS.get(key)
     if entry is not None and entry[0]() is None:
         del _GUARDS[key]
 
+
 _METADATA = {
-    "shape", "size", "dim", "ndim", "dtype", "device", "layout", "requires_grad", "grad_fn",
-    "is_leaf", "numel", "stride", "storage_offset", "element_size", "is_cuda", "is_sparse",
-    "untyped_storage", "_version", "_is_view", "_base", "grad", "names", "is_contiguous",
-    "__class__", "__hash__", "data_ptr", "is_inference",
-    "is_floating_point", "is_complex", "nbytes", "itemsize", "output_nr", "_cdata",
-    "register_hook", "retain_grad", "retains_grad", "is_pinned", "is_shared", "__len__",
+    "shape",
+    "size",
+    "dim",
+    "ndim",
+    "dtype",
+    "device",
+    "layout",
+    "requires_grad",
+    "grad_fn",
+    "is_leaf",
+    "numel",
+    "stride",
+    "storage_offset",
+    "element_size",
+    "is_cuda",
+    "is_sparse",
+    "untyped_storage",
+    "_version",
+    "_is_view",
+    "_base",
+    "grad",
+    "names",
+    "is_contiguous",
+    "__class__",
+    "__hash__",
+    "data_ptr",
+    "is_inference",
+    "is_floating_point",
+    "is_complex",
+    "nbytes",
+    "itemsize",
+    "output_nr",
+    "_cdata",
+    "register_hook",
+    "retain_grad",
+    "retains_grad",
+    "is_pinned",
+    "is_shared",
+    "__len__",
 }
 
 
