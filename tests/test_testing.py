@@ -449,7 +449,7 @@ def test_composites_draw_only_the_kinds_asked_for(c: Composite) -> None:
 def test_composites_cover_every_kind() -> None:
     seen: set[str] = set()
 
-    @settings(max_examples=80)
+    @settings(max_examples=300)
     @given(composites())
     def collect(c: Composite) -> None:
         blocks = c.net.blocks  # type: ignore[attr-defined]

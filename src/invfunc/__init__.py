@@ -9,8 +9,9 @@ from ._autograd import explain
 from ._call import invertible_call
 from ._combinators import chain, couple
 from ._core import Invertible, inverse, invertible
-from ._errors import FreedTensorError, InvfuncError
+from ._errors import FreedTensorError, InvertibilityWarning, InvfuncError
 from ._modes import MODES, current_mode, mode
+from ._verify import verify
 
 __all__ = [
     "MODES",

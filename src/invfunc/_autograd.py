@@ -38,7 +38,9 @@ import torch
 
 from ._errors import FreedTensorError, InvfuncError
 from ._replay import AutocastState, RngState, Tracer, cuda_devices
+from . import _verify
 from ._storage import Freed, StorageHandle, _rebuild_guarded, free_reason, is_freed
+from ._verify import Fingerprint
 
 __all__ = ["BlockState", "apply_block", "explain", "replaying", "section_vjp"]
 
@@ -80,7 +82,9 @@ class BlockState:
         "next_ref",
         "norms",
         "param_template",
+        "policy",
         "precomputed",
+        "prints",
         "rng",
         "sections",
         "seen",
@@ -104,6 +108,8 @@ class BlockState:
     norms: bool
     in_meta: list[tuple[torch.Size, torch.dtype]]
     kept: bool
+    prints: list[Fingerprint] | None
+    policy: tuple[str, float | None]
 
     def __init__(self, block: Any) -> None:
         self.block = block
@@ -113,6 +119,7 @@ class BlockState:
         self.seen: tuple[torch.Tensor, ...] | None = None
         self.ctx_ref: Callable[[], Any] | None = None
         self.next_ref: Callable[[], BlockState | None] | None = None
+        self.prints = None
 
     # -- helpers used by blocks' backward -----------------------------------------
     def replay_rng(self, section: str) -> Any:
@@ -151,6 +158,12 @@ class BlockState:
                     "check that the inverse really inverts the function."
                 )
         return tuple(got)
+
+    def check_drift(self, rebuilt: Sequence[torch.Tensor]) -> None:
+        """Compare rebuilt inputs with the forward's fingerprints (NOTE [Fingerprints])."""
+        if self.prints is not None:
+            policy, rtol = self.policy
+            _verify.check(self.name, self.prints, rebuilt, policy, rtol, _EXPLAIN)  # type: ignore[arg-type]
 
     def restore_guards(self) -> None:
         """Finish refills written in place through :meth:`StorageHandle.view`."""
@@ -392,6 +405,7 @@ def rebuild(
     ):
         got = state.block._rebuild(outs, state.merge_params(explicit))
     data = state.check_rebuilt(got)
+    state.check_drift(data)
     state.refill(data)
     return data
 
@@ -429,6 +443,7 @@ class _Explain:
     def __init__(self) -> None:
         self.kept: list[tuple[str, int, str]] = []
         self.freed: list[tuple[str, int, int]] = []
+        self.drift: list[tuple[str, int, float]] = []
 
 
 _EXPLAIN: list[_Explain] = []
@@ -438,8 +453,10 @@ _EXPLAIN: list[_Explain] = []
 def explain() -> Iterator[_Explain]:
     """Collect, for every invertible call in the region, which inputs were freed or kept and why.
 
-    Yields an object with two lists: ``freed`` of ``(call, input index, bytes)`` and
-    ``kept`` of ``(call, input index, reason)``.
+    Yields an object with three lists: ``freed`` of ``(call, input index, bytes)``,
+    ``kept`` of ``(call, input index, reason)`` and, for calls made under
+    :func:`invfunc.verify` whose backward runs inside the region, ``drift`` of
+    ``(call, input index, relative error of the rebuilt input)``.
 
     Examples:
         >>> import torch, invfunc as inv
@@ -511,6 +528,8 @@ def apply_block(
     keep: Callable[[int, torch.Tensor], bool],
     autocast: AutocastState,
     previous: BlockState | None = None,
+    policy: tuple[str, float | None] = ("off", None),
+    where: str | None = None,
 ) -> tuple[Any, bool, BlockState | None]:
     """Run one block; return (outputs as a tuple, whether it returned a single tensor, its state)."""
     n_data = block._n_data(args)
@@ -531,6 +550,8 @@ def apply_block(
             )
     param_tensors = [p for p in params if isinstance(p, torch.Tensor)]
     state = BlockState(block)
+    if where is not None:
+        state.name = where  # errors say which block of the call
     rng = {}
     devices = cuda_devices([*data, *param_tensors])
     tracer = Tracer()
@@ -592,6 +613,8 @@ def apply_block(
     state.norms = tracer.norms
     state.in_meta = [(t.shape, t.dtype) for t in data]
     state.kept = mode == "checkpoint"
+    state.policy = policy
+    state.prints = [Fingerprint(t) for t in data] if policy[0] != "off" and not state.kept else None
     inputs = (*data, *param_tensors, *captured)
     state.precomputed = outs
     state.seen = inputs

@@ -11,12 +11,17 @@ from ._autograd import apply_block, free_call_inputs, replaying
 from ._core import Invertible, _name
 from ._modes import check_mode, current_mode
 from ._replay import AutocastState
+from ._verify import check_policy, current_policy
 
 __all__ = ["invertible_call"]
 
 
 def invertible_call(
-    fn: Invertible, *args: Any, mode: str | None = None, keep: Sequence[int | torch.Tensor] = ()
+    fn: Invertible,
+    *args: Any,
+    mode: str | None = None,
+    keep: Sequence[int | torch.Tensor] = (),
+    verify: str | None = None,
 ) -> Any:
     """Run an invertible function so that its inputs need not be kept for backward.
 
@@ -37,6 +42,9 @@ def invertible_call(
             inputs, recompute intermediates) or ``"plain"`` (ordinary autograd).
             Default: the ambient :func:`invfunc.mode`, else ``"invertible"``.
         keep: inputs never freed, as positions in ``args`` or as the tensors.
+        verify: ``"raise"``, ``"warn"`` or ``"off"``: check in backward that every rebuilt
+            input matches a fingerprint taken in the forward (see :func:`invfunc.verify`).
+            Default: the ambient :func:`invfunc.verify` policy, else ``"off"``.
 
     Returns:
         What ``fn(*args)`` returns.
@@ -75,6 +83,9 @@ def invertible_call(
     if run_mode == "plain" or not torch.is_grad_enabled() or replaying():
         return fn(*args)
     keep_pos, keep_ids = _keep_sets(fn, args, keep)
+    policy = current_policy()
+    if verify is not None:
+        policy = (check_policy(verify, f"invfunc.invertible_call({fn._name}, ..., verify=...)"), policy[1])
 
     def keep_input(i: int, t: torch.Tensor) -> bool:
         return i in keep_pos or id(t) in keep_ids
@@ -90,6 +101,7 @@ def invertible_call(
         cur = out if not single else (out,)
         if k == len(blocks) - 1:
             cur = (*cur, *last_params)
+        where = f"{block._name}, block {k + 1} of {len(blocks)}" if len(blocks) > 1 else block._name
         out, single, state = apply_block(
             block,
             cur,
@@ -98,6 +110,8 @@ def invertible_call(
             keep=keep_input if k == 0 else keep_none,
             autocast=autocast,
             previous=state,
+            policy=policy,
+            where=where,
         )
         if first is None:
             first = state

@@ -326,6 +326,11 @@ class Coupling(Invertible):
         else:
             gx2 = gy2 + g_x2
             data_grads = [torch.cat([gz1, gx2], d)] if n_data == 1 else [gz1, gx2]
+        if state.prints is not None:
+            if n_data == 2:
+                state.check_drift((x1, x2))
+            else:
+                state.check_drift((handles[0].view(),) if x1_dst is not None else (torch.cat([x1, x2], d),))  # type: ignore[union-attr]
         if x1_dst is not None:
             state.restore_guards()  # written in place above
         elif n_data == 1:

@@ -30,3 +30,13 @@ class FreedTensorError(InvfuncError):
         >>> issubclass(inv.FreedTensorError, inv.InvfuncError)
         True
     """
+
+
+class InvertibilityWarning(UserWarning):
+    """Warned when a rebuilt input drifts past the tolerance under ``invfunc.verify("warn")``.
+
+    Examples:
+        >>> import invfunc as inv
+        >>> issubclass(inv.InvertibilityWarning, UserWarning)
+        True
+    """
