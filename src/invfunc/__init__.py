@@ -16,6 +16,7 @@ from ._verify import verify
 __all__ = [
     "MODES",
     "FreedTensorError",
+    "InvertibilityWarning",
     "Invertible",
     "InvfuncError",
     "chain",
@@ -26,6 +27,7 @@ __all__ = [
     "invertible",
     "invertible_call",
     "mode",
+    "verify",
 ]
 
 __version__ = "0.1.0"

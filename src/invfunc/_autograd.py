@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 
+from . import _verify
 from ._errors import FreedTensorError, InvfuncError
 from ._replay import AutocastState, RngState, Tracer, cuda_devices
-from . import _verify
 from ._storage import Freed, StorageHandle, _rebuild_guarded, free_reason, is_freed
 from ._verify import Fingerprint
 
@@ -529,7 +529,7 @@ def apply_block(
     autocast: AutocastState,
     previous: BlockState | None = None,
     policy: tuple[str, float | None] = ("off", None),
-    where: str | None = None,
+    label: str | None = None,
 ) -> tuple[Any, bool, BlockState | None]:
     """Run one block; return (outputs as a tuple, whether it returned a single tensor, its state)."""
     n_data = block._n_data(args)
@@ -550,8 +550,8 @@ def apply_block(
             )
     param_tensors = [p for p in params if isinstance(p, torch.Tensor)]
     state = BlockState(block)
-    if where is not None:
-        state.name = where  # errors say which block of the call
+    if label is not None:
+        state.name = label  # errors say which block of the call
     rng = {}
     devices = cuda_devices([*data, *param_tensors])
     tracer = Tracer()

@@ -101,7 +101,7 @@ def invertible_call(
         cur = out if not single else (out,)
         if k == len(blocks) - 1:
             cur = (*cur, *last_params)
-        where = f"{block._name}, block {k + 1} of {len(blocks)}" if len(blocks) > 1 else block._name
+        label = f"{block._name}, block {k + 1} of {len(blocks)}" if len(blocks) > 1 else block._name
         out, single, state = apply_block(
             block,
             cur,
@@ -111,7 +111,7 @@ def invertible_call(
             autocast=autocast,
             previous=state,
             policy=policy,
-            where=where,
+            label=label,
         )
         if first is None:
             first = state

@@ -24,7 +24,7 @@ import torch
 
 from ._errors import InvertibilityWarning, InvfuncError
 
-__all__ = ["POLICIES", "Fingerprint", "verify", "current_policy", "check_policy", "DEFAULT_RTOL"]
+__all__ = ["DEFAULT_RTOL", "POLICIES", "Fingerprint", "check_policy", "current_policy", "verify"]
 
 Policy = Literal["off", "warn", "raise"]
 
@@ -97,7 +97,7 @@ def verify(policy: Policy = "raise", *, rtol: float | None = None) -> Iterator[N
 class Fingerprint:
     """Sampled elements and the norm of one input (NOTE [Fingerprints])."""
 
-    __slots__ = ("index", "samples", "norm", "dtype")
+    __slots__ = ("dtype", "index", "norm", "samples")
 
     def __init__(self, t: torch.Tensor) -> None:
         with torch.no_grad():
