@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from sphinx.application import Sphinx
+from sphinx.util import logging
 
 import invfunc
 
@@ -59,5 +61,18 @@ def _plural_literals(
         lines[i] = _LITERAL.sub(lambda m: m[1] + ("\\ " if m[2] else "") + m[2], line)
 
 
+def _check_api_complete(app: Sphinx) -> None:
+    """Warn (an error under -W) for a public name that api.md does not document."""
+    api = (Path(app.srcdir) / "api.md").read_text()
+    documented = set(re.findall(r"^\.\. \w+:: invfunc\.(\w+)$|^\.\. py:data:: (\w+)$", api, re.M))
+    names = {a or b for a, b in documented}
+    for name in sorted(set(invfunc.__all__) - names):
+        logging.getLogger(__name__).warning(
+            "invfunc.%s is in invfunc.__all__ but not documented in docs/api.md; add an autodoc entry.",
+            name,
+        )
+
+
 def setup(app: Sphinx) -> None:
     app.connect("autodoc-process-docstring", _plural_literals)
+    app.connect("builder-inited", _check_api_complete)
