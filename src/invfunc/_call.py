@@ -66,6 +66,28 @@ def invertible_call(
         >>> torch.allclose(x.grad, ref.grad, atol=1e-6)
         True
     """
+    if torch.compiler.is_compiling():
+        # NOTE [torch.compile]: the call is a graph break; it runs eagerly, with freeing.
+        return _eager_call()(fn, *args, mode=mode, keep=keep, verify=verify)
+    return _call(fn, args, mode, keep, verify)
+
+
+_EAGER: list[Any] = []
+
+
+def _eager_call() -> Any:
+    if not _EAGER:
+        _EAGER.append(torch.compiler.disable(invertible_call, recursive=True))
+    return _EAGER[0]
+
+
+def _call(
+    fn: Invertible,
+    args: tuple[Any, ...],
+    mode: str | None,
+    keep: Sequence[int | torch.Tensor],
+    verify: str | None,
+) -> Any:
     if not isinstance(fn, Invertible):
         raise TypeError(
             f"invfunc.invertible_call(fn, *args): fn must be an Invertible, got {_name(fn)} "
