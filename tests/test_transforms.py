@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.func import functional_call, grad, jacrev, vjp, vmap
 
@@ -91,3 +92,16 @@ def test_nested_invertible_call_inside_a_block() -> None:
     want = torch.autograd.grad(plain_outer(x * 1).sum(), [x, *params])
     got = torch.autograd.grad(inv.invertible_call(outer, x * 1).sum(), [x, *params])
     assert_all_close(got, want, **F64)
+
+
+def test_forward_mode_ad_is_a_clear_error_and_plain_mode_works() -> None:
+    block, _, _ = _block()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    t = torch.randn(2, 6, dtype=torch.float64)
+    with pytest.raises(
+        inv.InvfuncError, match=r"forward-mode AD .* is not supported yet; run this call with mode='plain'"
+    ):
+        torch.func.jvp(lambda z: inv.invertible_call(block, z), (x,), (t,))
+    _, got = torch.func.jvp(lambda z: inv.invertible_call(block, z, mode="plain"), (x,), (t,))
+    _, want = torch.func.jvp(block, (x,), (t,))
+    assert_all_close([got], [want], **F64)

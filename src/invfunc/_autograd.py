@@ -340,6 +340,14 @@ class _BlockFunction(torch.autograd.Function):
             ctx.mark_non_differentiable(*nondiff)
 
     @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> Any:
+        raise InvfuncError(
+            f"invfunc.invertible_call({ctx.state.name}): forward-mode AD (torch.func.jvp, "
+            "torch.autograd.forward_ad) is not supported yet; run this call with mode='plain' "
+            "(or inside `with invfunc.mode('plain'):`) to take a jvp."
+        )
+
+    @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         state: BlockState = ctx.state
         saved = _saved_tensors(ctx, state)
