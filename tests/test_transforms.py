@@ -105,3 +105,59 @@ def test_forward_mode_ad_is_a_clear_error_and_plain_mode_works() -> None:
     _, got = torch.func.jvp(lambda z: inv.invertible_call(block, z, mode="plain"), (x,), (t,))
     _, want = torch.func.jvp(block, (x,), (t,))
     assert_all_close([got], [want], **F64)
+
+
+class _UserF(torch.nn.Module):
+    """A user-defined module: recorded by running it (not known statically)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3).double()
+        self.scale = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(h)) * self.scale
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, user_defined: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.F = _UserF() if user_defined else mlp(3).double()
+        self.G = _UserF() if user_defined else mlp(3).double()
+        self.net = inv.chain(inv.couple(self.F, self.G), inv.couple(self.G, self.F))
+        self.mode = "invertible"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return inv.invertible_call(self.net, x * 1, mode=self.mode).square().sum()
+
+
+@pytest.mark.parametrize("user_defined", [False, True], ids=["built-in modules", "user module"])
+@pytest.mark.parametrize("how", ["torch.func.grad", "autograd.grad"])
+def test_functional_call_around_the_whole_model(user_defined: bool, how: str) -> None:
+    """Parameters swapped only during the forward: backward must use the swapped ones."""
+    model = _Model(user_defined)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    params = {k: v.detach() + 0.5 for k, v in model.named_parameters()}
+
+    def grads(mode: str) -> list[torch.Tensor]:
+        model.mode = mode
+        if how == "torch.func.grad":
+            g = grad(lambda p: functional_call(model, p, (x,)))(params)
+            return [g[k] for k in params]
+        leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+        return list(torch.autograd.grad(functional_call(model, leaves, (x,)), list(leaves.values())))
+
+    assert_all_close(grads("invertible"), grads("plain"), **F64)
+
+
+def test_a_tensor_swapped_in_that_cannot_be_matched_is_an_error() -> None:
+    w = {"t": torch.randn(3, dtype=torch.float64, requires_grad=True)}
+    block = inv.couple(lambda h: h * w["t"])  # recorded; reads w["t"] through a closure
+    x = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    y = inv.invertible_call(block, x * 1)
+    w["t"] = torch.randn(4, dtype=torch.float64, requires_grad=True)  # rebound, other shape
+    with pytest.raises(
+        inv.InvfuncError, match=r"read a tensor of shape \(4,\) .* did not read in the forward"
+    ):
+        y.sum().backward()

@@ -89,6 +89,7 @@ class BlockState:
         "sections",
         "seen",
         "single",
+        "static",
         "update_refs",
         "updates",
     )
@@ -108,6 +109,7 @@ class BlockState:
     norms: bool
     in_meta: list[tuple[torch.Size, torch.dtype]]
     kept: bool
+    static: bool
     prints: list[Fingerprint] | None
     policy: tuple[str, float | None]
 
@@ -127,16 +129,59 @@ class BlockState:
             return nullcontext()
         return self.rng[section].replay()
 
-    def replay_tracer(self, captured_now: Sequence[torch.Tensor]) -> Any:
-        """A replay tracer mapping the recorded captured tensors to ``captured_now``, or a
-        null context when there is nothing to substitute and no state update to skip."""
-        subst = {id(o): n for o, n in zip(self.captured, captured_now) if o is not n}
-        if not subst and not self.updates and not self.norms:
-            return nullcontext()
-        tr = Tracer()
-        tr.start_replay(subst)
+    def replay_tracer(
+        self, captured_now: Sequence[torch.Tensor], section: str | None = None, inputs: Sequence[object] = ()
+    ) -> Any:
+        """The context a replay of ``section`` (None: the inverse) runs in.
+
+        The recorded captured tensors are replaced by ``captured_now`` (stand-ins,
+        primals, or themselves). A block may read other tensor objects than in the
+        forward (``torch.func.functional_call`` swaps parameters only while it runs):
+        static blocks find them again by module structure, recorded blocks by order of
+        first use (NOTE [Recording and replaying a block]); a tensor that cannot be
+        matched is an error, never a silently wrong gradient.
+        """
+        now = list(captured_now) if captured_now else list(self.captured)
+        subst = {id(o): n for o, n in zip(self.captured, now) if o is not n}
+        if self.static:
+            current = self.block._static_sections()
+            names = [section] if section is not None else list(self.sections)
+            for name in names:
+                idx = self.sections.get(name, [])
+                reads = current[name][0] if current is not None and name in current else None
+                if reads is None or len(reads) != len(idx):
+                    raise self.swap_error(f"its modules changed ({len(idx)} parameters recorded)")
+                for t, i in zip(reads, idx):
+                    if t is not now[i]:
+                        if t.shape != now[i].shape or t.dtype != now[i].dtype:
+                            raise self.swap_error(f"a parameter of shape {tuple(t.shape)}")
+                        subst[id(t)] = now[i]
+            if not subst and not self.updates and not self.norms:
+                return nullcontext()
+            tr = Tracer()
+            tr.start_replay(subst)
+        else:
+            order = self.sections.get(section, []) if section is not None else []
+            tr = Tracer()
+            tr.start_replay(
+                subst,
+                inputs=inputs,
+                expected=[(self.captured[i], now[i]) for i in order] if section is not None else None,
+                check=self.swap_error,
+                known=[o for o, n in zip(self.captured, now) if o is n],
+            )
         tr.updates = self.updates
+        tr.norms = self.norms
         return tr
+
+    def swap_error(self, what: str) -> InvfuncError:
+        return InvfuncError(
+            f"invfunc.invertible_call({self.name}) backward: the block read {what} that it did not "
+            "read in the forward, so rebuilding it would use other values than the forward did. "
+            "This happens when parameters are swapped only around the forward (e.g. "
+            "torch.func.functional_call outside the block): swap them inside the block's function, "
+            "or use mode='plain' for this call."
+        )
 
     def merge_params(self, explicit: Sequence[torch.Tensor]) -> list[Any]:
         it = iter(explicit)
@@ -235,7 +280,12 @@ def block_vjp(
             now = list(originals)
             for j, slot in enumerate(slots):
                 now[slot] = vals[n_positional + j]
-        with state.replay_rng(section), torch.enable_grad(), state.replay_tracer(now), _replay_region():
+        with (
+            state.replay_rng(section),
+            torch.enable_grad(),
+            state.replay_tracer(now, section, vals[:n_positional]),
+            _replay_region(),
+        ):
             outs = call(vals)
         wrt = [vals[i] for i in diff]
         live = [i for i, o in enumerate(outs) if o.requires_grad]
@@ -255,7 +305,7 @@ def block_vjp(
         now = list(originals)
         for j, slot in enumerate(slots):
             now[slot] = vals[n_positional + j]
-        with state.replay_tracer(now), _replay_region():
+        with state.replay_tracer(now, section, vals[:n_positional]), _replay_region():
             return call(vals)
 
     with state.replay_rng(section):
@@ -318,7 +368,10 @@ class _BlockFunction(torch.autograd.Function):
         n_data, n_exp = state.n_data, state.n_explicit
         data = tensors[:n_data]
         explicit = tensors[n_data : n_data + n_exp]
-        tr = state.replay_tracer(tensors[n_data + n_exp :])
+        sections = state.block._sections
+        tr = state.replay_tracer(
+            tensors[n_data + n_exp :], sections[0] if len(sections) == 1 else None, tensors[: n_data + n_exp]
+        )
         with state.replay_rng(state.block._sections[0]) if state.rng else nullcontext(), tr:
             out = state.block._fn(*data, *state.merge_params(explicit))
         outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
@@ -408,7 +461,7 @@ def rebuild(
     with (
         torch.set_grad_enabled(record),
         state.replay_rng(state.block._sections[0]),
-        state.replay_tracer(captured),
+        state.replay_tracer(captured, None, (*outs, *explicit)),
         _replay_region(),
     ):
         got = state.block._rebuild(outs, state.merge_params(explicit))
@@ -560,16 +613,27 @@ def apply_block(
     state = BlockState(block)
     if label is not None:
         state.name = label  # errors say which block of the call
-    rng = {}
+    rng: dict[str, RngState] = {}
     devices = cuda_devices([*data, *param_tensors])
-    tracer = Tracer()
-    tracer.start_recording(data)
+    static = block._static_sections()
+    if static is not None:  # NOTE [Static discovery]
+        random = any(r for _, r in static.values())
 
-    @contextmanager
-    def section(name: str) -> Iterator[None]:
-        rng[name] = RngState(devices)
-        with tracer.section(name), tracer:
+        @contextmanager
+        def section(name: str) -> Iterator[None]:
+            if random:
+                rng[name] = RngState(devices)
             yield
+
+    else:
+        tracer = Tracer()
+        tracer.start_recording(data)
+
+        @contextmanager
+        def section(name: str) -> Iterator[None]:
+            rng[name] = RngState(devices)
+            with tracer.section(name), tracer:
+                yield
 
     with torch.no_grad():
         if len(block._sections) == 1:
@@ -591,7 +655,12 @@ def apply_block(
     captured: list[torch.Tensor] = []
     where: dict[int, int] = {}
     sections: dict[str, list[int]] = {}
-    for name, seen in tracer.sections.items():
+    seen_by_section = (
+        {name: {id(p): p for p in ps} for name, (ps, _) in static.items()}
+        if static is not None
+        else tracer.sections
+    )
+    for name, seen in seen_by_section.items():
         idx = sections.setdefault(name, [])
         for key, t in seen.items():
             if key in known:
@@ -606,8 +675,8 @@ def apply_block(
         and not any(p.requires_grad for p in param_tensors)
     ):
         return outs, single, None  # nothing requires grad: a plain call
-    first = rng[block._sections[0]]
-    state.rng = None if first.unchanged() else rng
+    first = rng.get(block._sections[0])
+    state.rng = None if first is None or first.unchanged() else rng
     state.single = single
     state.n_out = len(outs)
     state.n_data = n_data
@@ -616,9 +685,11 @@ def apply_block(
     state.captured = captured
     state.sections = sections
     state.autocast = autocast
-    state.updates = tracer.updates
-    state.update_refs = tracer._update_refs
-    state.norms = tracer.norms
+    state.static = static is not None
+    if static is None:
+        state.updates, state.update_refs, state.norms = tracer.updates, tracer._update_refs, tracer.norms
+    else:
+        state.updates, state.update_refs, state.norms = set(), [], False
     state.in_meta = [(t.shape, t.dtype) for t in data]
     state.kept = mode == "checkpoint"
     state.policy = policy

@@ -10,6 +10,7 @@ import torch
 
 from ._autograd import BlockState, _fast_path, _is_wrapped, section_vjp
 from ._core import Invertible, _name
+from ._replay import static_reads
 
 __all__ = ["Chain", "Coupling", "chain", "couple"]
 
@@ -204,6 +205,15 @@ class Coupling(Invertible):
         return self._inverse
 
     # -- the engine protocol ------------------------------------------------------------
+    def _static_sections(self) -> dict[str, tuple[list[torch.Tensor], bool]] | None:
+        f = static_reads(self.F)
+        if f is None:
+            return None
+        if self.G is None:
+            return {"F": f}
+        g = static_reads(self.G)
+        return None if g is None else {"F": f, "G": g}
+
     def _n_data(self, args: Sequence[Any]) -> int:
         if len(args) not in (1, 2):
             raise TypeError(

@@ -135,6 +135,10 @@ class Invertible:
         """The forward, run once under no_grad while the engine records (see _autograd.py)."""
         return self._fn(*args)
 
+    def _static_sections(self) -> dict[str, tuple[list[torch.Tensor], bool]] | None:
+        """What each section reads, if known without running it (NOTE [Static discovery])."""
+        return None
+
     def _rebuild(self, outputs: Sequence[torch.Tensor], params: Sequence[Any]) -> Any:
         """The inputs, rebuilt from the outputs by the inverse."""
         return self._inv(*outputs, *params)

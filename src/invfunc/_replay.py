@@ -18,6 +18,14 @@ NOTE [Recording and replaying a block]
    section drew no random numbers its state is dropped; otherwise replays run from it
    inside a fork that restores the caller's generator afterwards.
 5. Autocast: the forward's autocast state is captured and re-entered for replays.
+
+NOTE [Static discovery]
+
+Recording costs a Python call per op. For a coupling whose F and G are trees of
+built-in modules (Linear, Conv, activations, LayerNorm, Dropout, ...; no subclass, no
+hook) what the forward reads is known without running it: the modules' parameters.
+Such blocks skip the tracer, and skip RNG capture unless a random module (Dropout,
+RReLU) is in training mode. BatchNorm and any user-defined module are recorded.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from torch.overrides import TorchFunctionMode
 __all__ = ["AutocastState", "RngState", "Tracer"]
 
 _Tensor = torch.Tensor
+_CLAIM = 1 << 62  # offset that keeps claimed positions apart from claimed ids
 _NORM_FUNCS = {
     torch.nn.functional.batch_norm: (1, 2, 5, "running_mean", "running_var", "training"),
     torch.batch_norm: (3, 4, 5, "running_mean", "running_var", "training"),
@@ -60,6 +69,9 @@ class Tracer(TorchFunctionMode):
         self._update_refs: list[_Tensor] = []
         self.subst: dict[int, _Tensor] = {}
         self.norms = False  # a batch/instance norm ran: replays must not update its statistics
+        self.check: Callable[[str], Exception] | None = None
+        self.expected: list[tuple[_Tensor, _Tensor]] = []
+        self.claimed: set[int] = set()
 
     # -- recording ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -80,9 +92,32 @@ class Tracer(TorchFunctionMode):
         # not external state updates
         self.produced = {id(t) for t in inputs if isinstance(t, _Tensor)}
 
-    def start_replay(self, subst: dict[int, _Tensor]) -> None:
+    def start_replay(
+        self,
+        subst: dict[int, _Tensor],
+        *,
+        inputs: Sequence[object] = (),
+        expected: Sequence[tuple[_Tensor, _Tensor]] | None = None,
+        check: Callable[[str], Exception] | None = None,
+        known: Sequence[_Tensor] = (),
+    ) -> None:
+        """Replay: map external tensors to stand-ins.
+
+        ``subst`` maps by identity. With ``check`` set, every other external tensor that
+        requires grad is resolved too (NOTE [Recording and replaying a block], rule 3):
+        with ``expected`` — (recorded tensor, stand-in) pairs in first-use order — it takes
+        the next unclaimed recorded tensor of the same shape and dtype (the forward read a
+        tensor that has since been swapped, as ``functional_call`` does); otherwise, or if
+        none fits, ``check(description)`` is raised.
+        """
         self.recording = False
         self.subst = subst
+        self.check = check
+        self.expected = list(expected or ())
+        self.claimed: set[int] = set()
+        self.known = {id(t) for t in known}
+        self.produced = {id(t) for t in inputs if isinstance(t, _Tensor)}
+        self.produced.update(id(v) for v in subst.values())
 
     def __torch_function__(
         self,
@@ -130,6 +165,8 @@ class Tracer(TorchFunctionMode):
         subst = self.subst
         if args and self.updates and _is_inplace(func) and id(args[0]) in self.updates:
             return args[0]  # an external state update already applied in the forward
+        if self.check is not None:
+            self._resolve(args, kwargs)
         if subst:
             new_args = []
             for a in args:
@@ -146,7 +183,40 @@ class Tracer(TorchFunctionMode):
         norm = _NORM_FUNCS.get(func)
         if norm is not None:
             args, kwargs = _without_running_stats(norm, list(args), kwargs)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if self.check is not None:
+            if isinstance(out, _Tensor):
+                self.produced.add(id(out))
+            elif type(out) in (list, tuple):
+                self.produced.update(id(o) for o in out if isinstance(o, _Tensor))
+        return out
+
+    def _resolve(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+        """Give every external tensor of this op a stand-in (see :meth:`start_replay`)."""
+        for a in (*args, *kwargs.values()):
+            for t in a if type(a) in (list, tuple) else (a,):
+                if not isinstance(t, _Tensor) or not t.requires_grad:
+                    continue
+                key = id(t)
+                if key in self.produced or key in self.claimed or key in self.subst or key in self.known:
+                    continue
+                for k, (orig, _) in enumerate(self.expected):
+                    if orig is t:
+                        self.claimed.add(key)
+                        self.claimed.add(k + _CLAIM)
+                        break
+                else:
+                    self._claim_by_position(t)
+
+    def _claim_by_position(self, t: _Tensor) -> None:
+        for k, (orig, stand_in) in enumerate(self.expected):
+            if k + _CLAIM in self.claimed or orig.shape != t.shape or orig.dtype != t.dtype:
+                continue
+            self.claimed.update((id(t), k + _CLAIM))
+            self.subst[id(t)] = stand_in
+            return
+        assert self.check is not None
+        raise self.check(f"a tensor of shape {tuple(t.shape)} and dtype {t.dtype}")
 
 
 def _without_running_stats(
@@ -224,3 +294,96 @@ class AutocastState:
             for dev, dtype in self.settings:
                 stack.enter_context(torch.autocast(dev, dtype=dtype))
             yield
+
+
+# -- static discovery ---------------------------------------------------------------------
+
+_nn = torch.nn
+#: Built-in modules whose forward reads only their own parameters and buffers, draws no
+#: random numbers and updates no state.
+_PURE_MODULES: frozenset[type] = frozenset(
+    {
+        _nn.Sequential,
+        _nn.Identity,
+        _nn.Linear,
+        _nn.Bilinear,
+        _nn.Conv1d,
+        _nn.Conv2d,
+        _nn.Conv3d,
+        _nn.ConvTranspose1d,
+        _nn.ConvTranspose2d,
+        _nn.ConvTranspose3d,
+        _nn.ReLU,
+        _nn.ReLU6,
+        _nn.Tanh,
+        _nn.Sigmoid,
+        _nn.GELU,
+        _nn.SiLU,
+        _nn.Mish,
+        _nn.LeakyReLU,
+        _nn.ELU,
+        _nn.SELU,
+        _nn.CELU,
+        _nn.Softplus,
+        _nn.Softsign,
+        _nn.Hardtanh,
+        _nn.Hardswish,
+        _nn.Hardsigmoid,
+        _nn.PReLU,
+        _nn.Tanhshrink,
+        _nn.Softmax,
+        _nn.LogSoftmax,
+        _nn.LayerNorm,
+        _nn.GroupNorm,
+        _nn.Flatten,
+        _nn.Unflatten,
+        _nn.MaxPool1d,
+        _nn.MaxPool2d,
+        _nn.AvgPool1d,
+        _nn.AvgPool2d,
+        _nn.AdaptiveAvgPool1d,
+        _nn.AdaptiveAvgPool2d,
+        _nn.ZeroPad2d,
+        _nn.Upsample,
+    }
+)
+#: Built-in modules that draw random numbers in training mode.
+_RANDOM_MODULES: frozenset[type] = frozenset(
+    {
+        _nn.Dropout,
+        _nn.Dropout1d,
+        _nn.Dropout2d,
+        _nn.Dropout3d,
+        _nn.AlphaDropout,
+        _nn.FeatureAlphaDropout,
+        _nn.RReLU,
+    }
+)
+
+
+def static_reads(fn: object) -> tuple[list[_Tensor], bool] | None:
+    """What a module tree reads, without running it: (parameters that require grad, whether
+    it draws random numbers), or None if that cannot be known statically.
+
+    Only trees of the built-in modules above, with no hooks, qualify (NOTE [Static
+    discovery]): anything else is recorded by running it under :class:`Tracer`.
+    """
+    if not isinstance(fn, _nn.Module):
+        return None
+    glob = _nn.modules.module
+    if glob._global_forward_hooks or glob._global_forward_pre_hooks:
+        return None
+    params: dict[int, _Tensor] = {}
+    random = False
+    for m in fn.modules():
+        kind = type(m)
+        if kind in _RANDOM_MODULES:
+            random = random or m.training
+        elif kind not in _PURE_MODULES:
+            return None
+        if m._forward_hooks or m._forward_pre_hooks:
+            return None
+        for p in m._parameters.values():
+            if p is not None and p.requires_grad:
+                params.setdefault(id(p), p)
+    return list(params.values()), random
