@@ -77,7 +77,7 @@ _EAGER: list[Any] = []
 
 def _eager_call() -> Any:
     if not _EAGER:
-        _EAGER.append(torch.compiler.disable(invertible_call, recursive=True))
+        _EAGER.append(torch.compiler.disable(invertible_call, recursive=True))  # type: ignore[no-untyped-call]
     return _EAGER[0]
 
 

@@ -114,7 +114,7 @@ class Tracer(TorchFunctionMode):
         self.subst = subst
         self.check = check
         self.expected = list(expected or ())
-        self.claimed: set[int] = set()
+        self.claimed = set()
         self.known = {id(t) for t in known}
         self.produced = {id(t) for t in inputs if isinstance(t, _Tensor)}
         self.produced.update(id(v) for v in subst.values())
