@@ -411,7 +411,23 @@ class _BlockFunction(torch.autograd.Function):
         return (None, *result)
 
 
-_BlockFunction._backward_cls._invfunc_saves_outputs = True  # type: ignore[attr-defined]
+class _BlockFunctionEager(torch.autograd.Function):
+    """The same Function in the old ``forward(ctx, ...)`` form, used when no torch.func
+    transform is active: ``apply`` then skips binding the arguments to a signature, which
+    costs more than the rest of a small block's Python (NOTE [One Function per block])."""
+
+    @staticmethod
+    def forward(ctx: Any, state: BlockState, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        outs = _BlockFunction.forward(state, *tensors)
+        _BlockFunction.setup_context(ctx, (state, *tensors), outs)
+        return outs
+
+    backward = _BlockFunction.backward
+    jvp = _BlockFunction.jvp
+
+
+for _fn in (_BlockFunction, _BlockFunctionEager):
+    _fn._backward_cls._invfunc_saves_outputs = True  # type: ignore[attr-defined]
 
 
 def _saved_tensors(ctx: Any, state: BlockState) -> tuple[torch.Tensor, ...]:
@@ -697,7 +713,8 @@ def apply_block(
     inputs = (*data, *param_tensors, *captured)
     state.precomputed = outs
     state.seen = inputs
-    result = _BlockFunction.apply(state, *inputs)  # type: ignore[no-untyped-call]
+    fn = _BlockFunction if torch._C._are_functorch_transforms_active() else _BlockFunctionEager
+    result = fn.apply(state, *inputs)  # type: ignore[no-untyped-call]
     if previous is not None:
         previous.next_ref = weakref.ref(state)
     if mode == "invertible" and not guard:
