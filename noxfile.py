@@ -74,3 +74,4 @@ def docs(session: nox.Session) -> None:
     """Build the Sphinx docs with warnings as errors."""
     _install(session, "docs")
     session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
+    session.run("python", "docs/check_examples.py")

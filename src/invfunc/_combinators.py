@@ -376,7 +376,7 @@ def couple(F: Callable[..., Any], G: Callable[..., Any] | None = None, *, dim: i
     Called with one tensor, it splits it into halves along ``dim`` and returns one
     tensor; called with a pair ``(x1, x2)`` it returns a pair ``(y1, y2)`` (no
     concatenation copy). ``G=None`` is the one-sided (NICE) coupling ``y2 = x2``.
-    F and G can be any callables — ``nn.Module``s, functions, closures — and need not
+    F and G can be any callables — ``nn.Module`` objects, functions, closures — and need not
     be invertible; their parameters get gradients automatically. Under
     :func:`invfunc.invertible_call` the backward evaluates F and G once each (the
     RevNet algorithm), rebuilding the input on the way.

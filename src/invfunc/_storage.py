@@ -19,7 +19,7 @@ NOTE [Refilling without a trace]
 
 A freed storage is refilled through a fresh tensor set onto the same storage, so
 the version counter of the user's tensor is not bumped and every node that saved it
-(a ReLU before the block, the previous block's output) reads the rebuilt values.
+(a sigmoid before the block, the previous block's output) reads the rebuilt values.
 While freed, the version counter is advanced by one: a foreign autograd node that
 saved the tensor and runs before the refill raises PyTorch's "modified by an inplace
 operation" error instead of reading freed memory. The refill restores the counter.

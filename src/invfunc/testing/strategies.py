@@ -54,7 +54,7 @@ BLOCKS: dict[str, str] = {
     "affine": "1.5 * x - 0.5, no parameters",
 }
 
-#: The forms of the data: one tensor split in halves by the couplings, or a pair.
+#: Data forms drawn by default (one tensor split in halves by the couplings, or a pair).
 FORMS: dict[str, str] = {
     "single": "one tensor of shape (batch, 2 * width)",
     "pair": "a pair of tensors of shape (batch, width)",
