@@ -218,17 +218,24 @@ def test_no_reference_cycles_graph_dies_without_gc() -> None:
 
 
 def test_backward_releases_rebuilt_tensors() -> None:
-    net, _ = revnet(3, 3)
+    """Inner boundaries are freed again once used (NOTE [Releasing rebuilt boundaries])."""
+    net, _ = revnet(4, 3)
     x = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
-    y = inv.invertible_call(net, x * 2)
+    h = x * 2
+    y = inv.invertible_call(net, h)
+    states = []
     node = y.grad_fn
-    y.sum().backward()
-    while node is not None:  # every block's state dropped its refill handles
-        state = getattr(node, "state", None)
-        if state is None:
-            break
-        assert state.handles is None
+    while node is not None and hasattr(node, "state"):
+        states.append(node.state)
         node = node.next_functions[0][0]
+    y.sum().backward(retain_graph=True)
+    assert not _freed(h)  # the caller's tensor is refilled and left alone
+    inner = [hd for st in states for hd in (st.handles or ()) if hd is not None]
+    assert len(inner) == 3 and all(hd.freed for hd in inner)  # the three inner boundaries
+    want = torch.autograd.grad(y.sum(), x, retain_graph=True)  # a retained graph refills them again
+    assert all(hd.freed for hd in inner)
+    (g,) = torch.autograd.grad(net(x * 2).sum(), x)
+    torch.testing.assert_close(want[0], g, **F64)
 
 
 def test_parameter_modified_before_backward_is_detected() -> None:

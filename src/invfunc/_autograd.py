@@ -22,8 +22,17 @@ the composite (a chain is its blocks in a row). Each application
    backward differentiates through it.
 
 Because every block hands its parameter gradients to autograd as soon as it is
-done, and a rebuilt tensor is held only by the saved outputs of the block before
-it, memory stays flat in depth.
+done, and a rebuilt tensor is freed again as soon as the block before it has used it,
+memory stays flat in depth.
+
+NOTE [Releasing rebuilt boundaries]
+
+A boundary inside one call (block k's output, block k+1's input) is freed after the
+forward and refilled by block k+1's backward. Block k needs it only until it has rebuilt
+its own input; then it frees it again (``release_output``), through the handle block
+k+1 keeps for the life of the graph. A second backward (``retain_graph=True``) refills
+it again the same way, so even a retained graph stays flat. The caller's tensors (the
+call's inputs) are refilled and then left alone: the caller may read them.
 """
 
 from __future__ import annotations
@@ -210,6 +219,20 @@ class BlockState:
             policy, rtol = self.policy
             _verify.check(self.name, self.prints, rebuilt, policy, rtol, _EXPLAIN)  # type: ignore[arg-type]
 
+    def release_output(self) -> None:
+        """This block's backward no longer needs its output: free it again if the next block
+        of the same call freed it (NOTE [Releasing rebuilt boundaries])."""
+        nxt = self.next_ref() if self.next_ref is not None else None
+        for h in (nxt.handles or ()) if nxt is not None else ():
+            if h is not None and h.tensor is None and not h.freed:
+                h.free(None)
+
+    def drop_guarded(self) -> None:
+        """After backward, the caller's tensors stay refilled: forget their handles."""
+        if self.handles is not None:
+            kept = [h if h is not None and h.tensor is None else None for h in self.handles]
+            self.handles = kept if any(h is not None for h in kept) else None
+
     def restore_guards(self) -> None:
         """Finish refills written in place through :meth:`StorageHandle.view`."""
         for h in self.handles or ():
@@ -287,16 +310,20 @@ def block_vjp(
             _replay_region(),
         ):
             outs = call(vals)
-        wrt = [vals[i] for i in diff]
+        n_wrt = len(diff)
         live = [i for i, o in enumerate(outs) if o.requires_grad]
+        # single use: the pullback lets go of the graph and the outputs as soon as it ran
+        held = [([outs[i] for i in live], [vals[i] for i in diff])]
 
         def fast_pullback(cts: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
-            if not live or not wrt:
-                return [None] * len(wrt)
-            got = torch.autograd.grad([outs[i] for i in live], wrt, [cts[i] for i in live], allow_unused=True)
-            return list(got)
+            roots, wrt = held.pop()
+            if not roots or not wrt:
+                return [None] * n_wrt
+            return list(torch.autograd.grad(roots, wrt, [cts[i] for i in live], allow_unused=True))
 
-        return tuple(o.detach() for o in outs), fast_pullback
+        detached = tuple(o.detach() for o in outs)
+        del outs, vals
+        return detached, fast_pullback
 
     def pure(*diff_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         vals = list(values)
@@ -407,7 +434,7 @@ class _BlockFunction(torch.autograd.Function):
         try:
             result = _block_backward(state, saved, grads, ctx.needs_input_grad[1:])
         finally:
-            state.handles = None  # NOTE [One Function per block]: rebuilt tensors go with the saved outputs
+            state.drop_guarded()  # NOTE [Releasing rebuilt boundaries]
         return (None, *result)
 
 
@@ -484,6 +511,8 @@ def rebuild(
     data = state.check_rebuilt(got)
     state.check_drift(data)
     state.refill(data)
+    if not torch.is_grad_enabled():  # with create_graph the rebuilt inputs hang on the outputs
+        state.release_output()
     return data
 
 

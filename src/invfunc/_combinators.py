@@ -299,8 +299,6 @@ class Coupling(Invertible):
                 # two views with their own version counters: writing x1 must not look
                 # like an in-place change of the x2 that F's recompute saved
                 x1_dst, x2_dst = handles[0].view().narrow(d, 0, h), handles[0].view().narrow(d, h, h)
-            if fast:
-                gx = torch.empty_like(outs[0])
         else:
             y1, y2 = outs
             gy1, gy2 = grads
@@ -315,17 +313,26 @@ class Coupling(Invertible):
             x2 = torch.sub(y2, g_out, out=x2_dst) if x2_dst is not None else y2 - g_out
             del g_out
             g_y1_or_none, pairs = pull_g(gy2)
+            del pull_g
             g_y1 = g_y1_or_none if g_y1_or_none is not None else torch.zeros_like(gy1)  # G ignores y1
             add(pairs)
+            if fast and n_data == 1:
+                gx = torch.empty_like(outs[0])
             gz1 = torch.add(gy1, g_y1, out=gx.narrow(d, 0, h)) if gx is not None else gy1 + g_y1
-            del g_y1
+            del g_y1_or_none, g_y1
         else:
             x2 = x2_dst.copy_(y2) if x2_dst is not None else y2
             gz1 = gy1
+            if fast and n_data == 1:
+                gx = torch.empty_like(outs[0])
         f_out, pull_f = section_vjp(state, self.F, "F", x2, captured, cap_needs)
         x1 = torch.sub(y1, f_out, out=x1_dst) if x1_dst is not None else y1 - f_out
         del f_out
+        if fast:
+            del y1, y2, outs
+            state.release_output()  # the input is rebuilt: this block's output can go
         g_x2_or_none, pairs = pull_f(gz1)
+        del pull_f
         g_x2 = g_x2_or_none if g_x2_or_none is not None else torch.zeros_like(gy2)  # F ignores x2
         add(pairs)
         if gx is not None:
