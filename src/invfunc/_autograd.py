@@ -63,13 +63,23 @@ def replaying() -> bool:
     return getattr(_local, "depth", 0) > 0
 
 
-@contextmanager
-def _replay_region() -> Iterator[None]:
-    _local.depth = getattr(_local, "depth", 0) + 1
-    try:
-        yield
-    finally:
+class _ReplayRegion:
+    """Marks a replay (see :func:`replaying`); a plain class: entered twice per block."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        _local.depth = getattr(_local, "depth", 0) + 1
+
+    def __exit__(self, *exc: object) -> None:
         _local.depth -= 1
+
+
+_REGION = _ReplayRegion()
+
+
+def _replay_region() -> _ReplayRegion:
+    return _REGION
 
 
 class BlockState:
@@ -153,11 +163,10 @@ class BlockState:
         now = list(captured_now) if captured_now else list(self.captured)
         subst = {id(o): n for o, n in zip(self.captured, now) if o is not n}
         if self.static:
-            current = self.block._static_sections()
             names = [section] if section is not None else list(self.sections)
             for name in names:
                 idx = self.sections.get(name, [])
-                reads = current[name][0] if current is not None and name in current else None
+                reads = self.block._static_reads(name)
                 if reads is None or len(reads) != len(idx):
                     raise self.swap_error(f"its modules changed ({len(idx)} parameters recorded)")
                 for t, i in zip(reads, idx):

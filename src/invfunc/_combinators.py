@@ -10,7 +10,7 @@ import torch
 
 from ._autograd import BlockState, _fast_path, _is_wrapped, section_vjp
 from ._core import Invertible, _name
-from ._replay import static_reads
+from ._replay import reread, static_reads
 
 __all__ = ["Chain", "Coupling", "chain", "couple"]
 
@@ -205,6 +205,9 @@ class Coupling(Invertible):
         return self._inverse
 
     # -- the engine protocol ------------------------------------------------------------
+    def _static_reads(self, section: str) -> list[torch.Tensor] | None:
+        return reread(self.F if section == "F" else self.G)  # type: ignore[arg-type]
+
     def _static_sections(self) -> dict[str, tuple[list[torch.Tensor], bool]] | None:
         f = static_reads(self.F)
         if f is None:

@@ -139,6 +139,10 @@ class Invertible:
         """What each section reads, if known without running it (NOTE [Static discovery])."""
         return None
 
+    def _static_reads(self, section: str) -> list[torch.Tensor] | None:
+        """The parameters ``section`` reads now, for a block with static sections."""
+        return None
+
     def _rebuild(self, outputs: Sequence[torch.Tensor], params: Sequence[Any]) -> Any:
         """The inputs, rebuilt from the outputs by the inverse."""
         return self._inv(*outputs, *params)

@@ -31,6 +31,7 @@ RReLU) is in training mode. BatchNorm and any user-defined module are recorded.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -285,8 +286,17 @@ class AutocastState:
             (dev, torch.get_autocast_dtype(dev)) for dev in ("cpu", "cuda") if torch.is_autocast_enabled(dev)
         ]
 
+    def replay(self) -> contextlib.AbstractContextManager[None]:
+        if (
+            not self.settings
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.is_autocast_enabled("cuda")
+        ):
+            return contextlib.nullcontext()  # nothing to change: the common case, kept cheap
+        return self._replay()
+
     @contextlib.contextmanager
-    def replay(self) -> Iterator[None]:
+    def _replay(self) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             for dev in ("cpu", "cuda"):
                 if torch.is_autocast_enabled(dev):
@@ -374,6 +384,7 @@ def static_reads(fn: object) -> tuple[list[_Tensor], bool] | None:
     if glob._global_forward_hooks or glob._global_forward_pre_hooks:
         return None
     params: dict[int, _Tensor] = {}
+    slots: list[tuple[_nn.Module, str]] = []
     random = False
     for m in fn.modules():
         kind = type(m)
@@ -383,7 +394,23 @@ def static_reads(fn: object) -> tuple[list[_Tensor], bool] | None:
             return None
         if m._forward_hooks or m._forward_pre_hooks:
             return None
-        for p in m._parameters.values():
-            if p is not None and p.requires_grad:
-                params.setdefault(id(p), p)
+        for name, p in m._parameters.items():
+            if p is not None and p.requires_grad and id(p) not in params:
+                params[id(p)] = p
+                slots.append((m, name))
+    _SLOTS[fn] = slots
     return list(params.values()), random
+
+
+# module -> [(submodule, parameter name)] from its last static_reads, so a replay can
+# re-read the same parameter slots without walking the module tree again.
+_SLOTS: weakref.WeakKeyDictionary[_nn.Module, list[tuple[_nn.Module, str]]] = weakref.WeakKeyDictionary()
+
+
+def reread(fn: _nn.Module) -> list[_Tensor] | None:
+    """The tensors now in the parameter slots that :func:`static_reads` found in ``fn``."""
+    slots = _SLOTS.get(fn)
+    if slots is None:
+        got = static_reads(fn)
+        return None if got is None else got[0]
+    return [m._parameters[name] for m, name in slots]  # type: ignore[misc]
