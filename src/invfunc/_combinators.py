@@ -296,8 +296,8 @@ class Coupling(Invertible):
         if n_data == 1:
             d = self.dim % outs[0].dim()
             h = outs[0].size(d) // 2
-            y1, y2 = outs[0].narrow(d, 0, h), outs[0].narrow(d, h, h)
-            gy1, gy2 = grads[0].narrow(d, 0, h), grads[0].narrow(d, h, h)
+            y1, y2 = outs[0].split_with_sizes([h, h], d)
+            gy1, gy2 = grads[0].split_with_sizes([h, h], d)
             if fast and handles[0] is not None and handles[0].freed:
                 # two views with their own version counters: writing x1 must not look
                 # like an in-place change of the x2 that F's recompute saved
@@ -321,13 +321,15 @@ class Coupling(Invertible):
             add(pairs)
             if fast and n_data == 1:
                 gx = torch.empty_like(outs[0])
-            gz1 = torch.add(gy1, g_y1, out=gx.narrow(d, 0, h)) if gx is not None else gy1 + g_y1
+                gx1, gx2_dst = gx.split_with_sizes([h, h], d)
+            gz1 = torch.add(gy1, g_y1, out=gx1) if gx is not None else gy1 + g_y1
             del g_y1_or_none, g_y1
         else:
             x2 = x2_dst.copy_(y2) if x2_dst is not None else y2
             gz1 = gy1
             if fast and n_data == 1:
                 gx = torch.empty_like(outs[0])
+                gx1, gx2_dst = gx.split_with_sizes([h, h], d)
         f_out, pull_f = section_vjp(state, self.F, "F", x2, captured, cap_needs)
         x1 = torch.sub(y1, f_out, out=x1_dst) if x1_dst is not None else y1 - f_out
         del f_out
@@ -340,8 +342,8 @@ class Coupling(Invertible):
         add(pairs)
         if gx is not None:
             if self.G is None:
-                gx.narrow(d, 0, h).copy_(gz1)
-            torch.add(gy2, g_x2, out=gx.narrow(d, h, h))
+                gx1.copy_(gz1)
+            torch.add(gy2, g_x2, out=gx2_dst)
             data_grads: list[torch.Tensor | None] = [gx]
         else:
             gx2 = gy2 + g_x2
