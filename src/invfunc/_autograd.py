@@ -51,6 +51,8 @@ from ._replay import AutocastState, RngState, Tracer, cuda_devices
 from ._storage import Freed, StorageHandle, _rebuild_guarded, free_reason, is_freed
 from ._verify import Fingerprint
 
+_use_count = torch._C._storage_Use_Count
+
 __all__ = ["BlockState", "apply_block", "explain", "replaying", "section_vjp"]
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
@@ -351,6 +353,24 @@ def block_vjp(
         return list(vjp_fn(tuple(cts)))
 
     return outs, pullback
+
+
+def drop_if_unread(out: torch.Tensor) -> None:
+    """Free the storage of a recomputed output whose values are no longer needed.
+
+    ``out`` is the detached alias of an output of :func:`block_vjp` whose pullback has
+    not run yet. Its values were used (to rebuild the input); the pullback needs only its
+    graph, unless some node saved it (a final ``tanh`` saves its result). It is freed only
+    when nothing but the output and this alias hold its storage.
+    """
+    storage = out.untyped_storage()
+    # the alias, the output held by the pullback, and ``storage`` itself
+    if (
+        out._base is None
+        and _use_count(storage._cdata) == 3
+        and storage.nbytes() == out.numel() * out.element_size()
+    ):
+        storage.resize_(0)
 
 
 def section_vjp(

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ._autograd import BlockState, _fast_path, _is_wrapped, section_vjp
+from ._autograd import BlockState, _fast_path, _is_wrapped, drop_if_unread, section_vjp
 from ._core import Invertible, _name
 from ._replay import reread, static_reads
 
@@ -314,6 +314,8 @@ class Coupling(Invertible):
             g_out, pull_g = section_vjp(state, self.G, "G", g_in, captured, cap_needs)
             del g_in
             x2 = torch.sub(y2, g_out, out=x2_dst) if x2_dst is not None else y2 - g_out
+            if fast:
+                drop_if_unread(g_out)
             del g_out
             g_y1_or_none, pairs = pull_g(gy2)
             del pull_g
@@ -332,6 +334,8 @@ class Coupling(Invertible):
                 gx1, gx2_dst = gx.split_with_sizes([h, h], d)
         f_out, pull_f = section_vjp(state, self.F, "F", x2, captured, cap_needs)
         x1 = torch.sub(y1, f_out, out=x1_dst) if x1_dst is not None else y1 - f_out
+        if fast:
+            drop_if_unread(f_out)
         del f_out
         if fast:
             del y1, y2, outs
