@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 __all__ = ["FreedTensorError", "InvfuncError"]
 
 
@@ -40,3 +42,12 @@ class InvertibilityWarning(UserWarning):
         >>> issubclass(inv.InvertibilityWarning, UserWarning)
         True
     """
+
+
+def check_choice(value: object, table: Mapping[str, str], where: str, what: str, plural: str) -> str:
+    """Return ``value`` if it is a key of ``table``, else a ValueError that names ``where``
+    and lists the valid values (one table per enumerated option)."""
+    if isinstance(value, str) and value in table:
+        return value
+    valid = ", ".join(repr(k) for k in table)
+    raise ValueError(f"{where}: unknown {what} {value!r}; valid {plural} are {valid}.")

@@ -7,6 +7,8 @@ import threading
 from collections.abc import Iterator
 from typing import Literal
 
+from ._errors import check_choice
+
 __all__ = ["MODES", "Mode", "check_mode", "current_mode", "mode"]
 
 Mode = Literal["invertible", "checkpoint", "plain"]
@@ -23,10 +25,7 @@ _state = threading.local()
 
 def check_mode(value: object, where: str) -> Mode:
     """Return ``value`` if it names a mode, else raise a ValueError naming ``where``."""
-    if isinstance(value, str) and value in MODES:
-        return value  # type: ignore[return-value]
-    valid = ", ".join(repr(m) for m in MODES)
-    raise ValueError(f"{where}: unknown mode {value!r}; valid modes are {valid}.")
+    return check_choice(value, MODES, where, "mode", "modes")  # type: ignore[return-value]
 
 
 def current_mode() -> Mode:

@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from ._errors import InvertibilityWarning, InvfuncError
+from ._errors import InvertibilityWarning, InvfuncError, check_choice
 
 __all__ = ["DEFAULT_RTOL", "POLICIES", "Fingerprint", "check_policy", "current_policy", "verify"]
 
@@ -47,10 +47,7 @@ _state = threading.local()
 
 
 def check_policy(value: object, where: str) -> Policy:
-    if isinstance(value, str) and value in POLICIES:
-        return value  # type: ignore[return-value]
-    valid = ", ".join(repr(p) for p in POLICIES)
-    raise ValueError(f"{where}: unknown verification policy {value!r}; valid policies are {valid}.")
+    return check_choice(value, POLICIES, where, "verification policy", "policies")  # type: ignore[return-value]
 
 
 def current_policy() -> tuple[Policy, float | None]:
