@@ -121,7 +121,7 @@ def free_reason(t: torch.Tensor, extra_refs: int = 0) -> str | None:
         return "its storage is not resizable (numpy, DLPack, mmap)"
     if storage.is_shared():
         return "its storage is in shared memory"
-    if t.device.type == "cpu" and storage.is_pinned():
+    if t.device.type == "cpu" and t.is_pinned():
         return "its storage is pinned"
     saves = _producer_saves_result(t)
     if saves is None:
