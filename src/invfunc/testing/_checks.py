@@ -245,24 +245,29 @@ def check_inverse(fn: Invertible, *args: Any, rtol: float | None = None, atol: f
         ys = _as_tuple(fn(*args), where, "fn")
         rng.restore()
         back = _as_tuple(fn.inverse(*ys, *extra), where, "fn.inverse")
-        if len(back) != len(data):
-            raise AssertionError(
-                f"{where}: fn.inverse returned {len(back)} tensor(s) for {len(data)} data input(s) of fn."
-            )
-        for i, (b, x) in enumerate(zip(back, data)):
-            _compare(
-                b, x, where=where, what=f"input {i}", labels=("fn.inverse(fn(x))", "x"), rtol=rtol, atol=atol
-            )
+        count = f"fn.inverse returned {len(back)} tensor(s) for {len(data)} data input(s) of fn"
+        _compare_all(back, data, where, count, "input", ("fn.inverse(fn(x))", "x"), rtol, atol)
         rng.restore()
         again = _as_tuple(fn(*back, *extra), where, "fn")
-        if len(again) != len(ys):
-            raise AssertionError(
-                f"{where}: fn returned {len(again)} tensor(s) on the rebuilt inputs, {len(ys)} before."
-            )
-        for i, (a, y) in enumerate(zip(again, ys)):
-            _compare(
-                a, y, where=where, what=f"output {i}", labels=("fn(fn.inverse(y))", "y"), rtol=rtol, atol=atol
-            )
+        count = f"fn returned {len(again)} tensor(s) on the rebuilt inputs, {len(ys)} before"
+        _compare_all(again, ys, where, count, "output", ("fn(fn.inverse(y))", "y"), rtol, atol)
+
+
+def _compare_all(
+    got: Sequence[torch.Tensor],
+    want: Sequence[torch.Tensor],
+    where: str,
+    count: str,
+    what: str,
+    labels: tuple[str, str],
+    rtol: float | None,
+    atol: float | None,
+) -> None:
+    """Compare two sequences of tensors element by element; ``count`` says a length mismatch."""
+    if len(got) != len(want):
+        raise AssertionError(f"{where}: {count}.")
+    for i, (g, w) in enumerate(zip(got, want)):
+        _compare(g, w, where=where, what=f"{what} {i}", labels=labels, rtol=rtol, atol=atol)
 
 
 # -- finding the tensors a function reads --------------------------------------------------
