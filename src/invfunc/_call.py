@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ._autograd import apply_block, free_call_inputs, replaying
+from ._autograd import _EXPLAIN, apply_block, free_call_inputs, replaying
 from ._core import Invertible, _name
 from ._modes import check_mode, current_mode
 from ._replay import AutocastState
@@ -104,6 +104,15 @@ def _call(
     fn._check_arity(args, "invertible_call")
     if run_mode == "plain" or not torch.is_grad_enabled() or replaying():
         return fn(*args)
+    if run_mode == "invertible" and _saved_tensors_hooks_active():
+        # NOTE [Saved-tensor hooks]: what the hooks pack (a copy, or nothing until a
+        # recompute, as inside torch.utils.checkpoint) is not the storage invfunc would
+        # refill; freeing under them could hand autograd freed memory. Keep inputs instead.
+        run_mode = "checkpoint"
+        for rep in _EXPLAIN:
+            rep.kept.append(
+                (fn._name, -1, "saved-tensor hooks are active (e.g. inside torch.utils.checkpoint)")
+            )
     keep_pos, keep_ids = _keep_sets(fn, args, keep)
     policy = current_policy()
     if verify is not None:
@@ -142,6 +151,10 @@ def _call(
     if run_mode == "invertible" and first is not None:
         free_call_inputs(first, args, keep_input)  # inputs are the leading arguments
     return out
+
+
+def _saved_tensors_hooks_active() -> bool:
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 def _keep_sets(
