@@ -291,3 +291,62 @@ def test_foreign_node_reading_a_freed_tensor_raises_instead_of_crashing() -> Non
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "clean error: True" in out.stdout
+
+
+def test_inference_tensor_input_is_kept() -> None:
+    block = _block()
+    with torch.inference_mode():
+        t = torch.randn(3, 6, dtype=torch.float64)
+    with inv.explain() as rep:
+        y = inv.invertible_call(block, t)
+    assert not _freed(t) and rep.kept
+    y.sum().backward()
+
+
+def test_shared_memory_input_is_kept() -> None:
+    block = _block()
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    h = x * 2
+    h.share_memory_()
+    with inv.explain() as rep:
+        y = inv.invertible_call(block, h)
+    assert not _freed(h)
+    assert "shared memory" in rep.kept[0][2]
+    (g,) = torch.autograd.grad(y.sum(), x)
+    (want,) = torch.autograd.grad(block(x * 2).sum(), x)
+    torch.testing.assert_close(g, want, **F64)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda x: (x * 2).contiguous(memory_format=torch.channels_last), id="channels_last"),
+        pytest.param(
+            lambda x: (x * 2).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2), id="permuted view"
+        ),
+        pytest.param(lambda x: (x[:, :, :1] * 2).expand(-1, -1, 3, -1), id="expanded"),
+    ],
+)
+def test_strided_inputs_refill_with_their_strides(make) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1).double()
+    block = inv.couple(conv)
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    want = torch.autograd.grad(block(make(x)).square().sum(), x)
+    h = make(x)
+    before = h.detach().clone()
+    y = inv.invertible_call(block, h)
+    assert _freed(h) == (not h._is_view())  # channels_last is freed; views are kept
+    got = torch.autograd.grad(y.square().sum(), x)
+    assert_all_close(got, want, **F64)
+    torch.testing.assert_close(h.detach(), before, **F64)  # refilled with the right layout
+
+
+def test_integer_outputs_are_non_differentiable() -> None:
+    f = inv.invertible(lambda x, idx: (x * 2, idx + 1), inverse=lambda y, idx: (y / 2, idx - 1), n_inputs=2)
+    x = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    idx = torch.arange(4)
+    y, j = inv.invertible_call(f, x * 1, idx)
+    assert y.requires_grad and not j.requires_grad and torch.equal(j, idx + 1)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g, torch.full_like(x, 2.0))
