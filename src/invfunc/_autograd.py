@@ -330,7 +330,7 @@ def block_vjp(
             roots, wrt = held.pop()
             if not roots or not wrt:
                 return [None] * n_wrt
-            return list(torch.autograd.grad(roots, wrt, [cts[i] for i in live], allow_unused=True))
+            return list(_grad(roots, wrt, [cts[i] for i in live]))
 
         detached = tuple(o.detach() for o in outs)
         del outs, vals
@@ -399,6 +399,22 @@ def section_vjp(
         return grads[0], [(i, gi) for i, gi in zip(idx, grads[1:]) if gi is not None]
 
     return outs[0], pullback
+
+
+try:  # the engine call behind torch.autograd.grad, without its Python-side checks (~35 us a call)
+    from torch.autograd.graph import _engine_run_backward
+except ImportError:  # pragma: no cover - older or newer torch
+    _engine_run_backward = None  # type: ignore[assignment]
+
+
+def _grad(
+    roots: Sequence[torch.Tensor], wrt: Sequence[torch.Tensor], cts: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor | None, ...]:
+    """``torch.autograd.grad(roots, wrt, cts, allow_unused=True)`` for the fast path, whose
+    arguments are known to be well formed (tensors of matching shapes, no graph to keep)."""
+    if _engine_run_backward is None:
+        return torch.autograd.grad(roots, wrt, cts, allow_unused=True)
+    return _engine_run_backward(tuple(roots), tuple(cts), False, False, tuple(wrt), True, False)  # type: ignore[no-any-return]
 
 
 def _no_input_as_is(
