@@ -1,0 +1,60 @@
+"""Time configurations in one process, interleaved step by step (less noisy than one
+process per configuration, but no memory figures).
+
+    python benchmarks/interleaved.py --batch 8 --hidden 64 --depth 32 --steps 60   # tiny
+    python benchmarks/interleaved.py --batch 512 --hidden 256 --depth 16           # demo size
+
+Prints the median forward, backward and total time per step of plain autograd,
+torch.utils.checkpoint and invfunc (one call over a chain, and one call per block).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from invfunc._measure import CONFIGS, coupled_model, mlp_pairs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--depth", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    pairs = mlp_pairs(args.depth, args.hidden)
+    models = {config: coupled_model(config, pairs) for config in CONFIGS}
+    data = torch.randn(args.batch, 2 * args.hidden)
+    times: dict[str, list[tuple[float, float]]] = {config: [] for config in models}
+    for step in range(args.steps + 5):
+        for config, model in models.items():
+            x = data.clone().requires_grad_()
+            t0 = time.perf_counter()
+            loss = model(x).square().mean()
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            if step >= 5:  # warm-up
+                times[config].append((t1 - t0, t2 - t1))
+    plain = statistics.median(f + b for f, b in times["plain"])
+    print(f"B={args.batch} H={args.hidden} D={args.depth}, median of {args.steps} interleaved steps")
+    for config, ts in times.items():
+        fwd = statistics.median(f for f, _ in ts) * 1e3
+        bwd = statistics.median(b for _, b in ts) * 1e3
+        total = statistics.median(f + b for f, b in ts)
+        print(
+            f"  {config:<18} fwd {fwd:7.2f} ms  bwd {bwd:7.2f} ms  total {total * 1e3:7.2f} ms  {total / plain:5.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
