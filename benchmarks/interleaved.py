@@ -52,7 +52,8 @@ def main() -> None:
         bwd = statistics.median(b for _, b in ts) * 1e3
         total = statistics.median(f + b for f, b in ts)
         print(
-            f"  {config:<18} fwd {fwd:7.2f} ms  bwd {bwd:7.2f} ms  total {total * 1e3:7.2f} ms  {total / plain:5.2f}x"
+            f"  {config:<18} fwd {fwd:7.2f} ms  bwd {bwd:7.2f} ms  "
+            f"total {total * 1e3:7.2f} ms  {total / plain:5.2f}x"
         )
 
 
