@@ -569,6 +569,9 @@ def check_grads(
             (method, f"({label}, {how_run})", run(runner, method))
             for method, label in (("backward", ".backward()"), ("grad", "torch.autograd.grad"))
         ]
+    against_plain = functools.partial(
+        _compare, where=where, labels=("invertible_call", "plain autograd"), rtol=rtol, atol=atol
+    )
     # outputs first, then gradients, then the inputs read back: the first failure is the root cause
     for _, how, got in runs:
         if len(got.outs) != len(want.outs):
@@ -577,28 +580,12 @@ def check_grads(
                 f"plain autograd {len(want.outs)}."
             )
         for i, (out, ref) in enumerate(zip(got.outs, want.outs)):
-            _compare(
-                out,
-                ref,
-                where=where,
-                what=f"output {i} {how}",
-                labels=("invertible_call", "plain autograd"),
-                rtol=rtol,
-                atol=atol,
-            )
+            against_plain(out, ref, what=f"output {i} {how}")
     for method, how, got in runs:
         for k, (name, a, e) in enumerate(zip(names, got.grads, want.grads)):
             if method == "backward" and k >= len(diff_inputs) and not named[k - len(diff_inputs)][1].is_leaf:
                 continue  # no .grad on a non-leaf: compared with autograd.grad only
-            _compare(
-                a,
-                e,
-                where=where,
-                what=f"gradient of {name} {how}",
-                labels=("invertible_call", "plain autograd"),
-                rtol=rtol,
-                atol=atol,
-            )
+            against_plain(a, e, what=f"gradient of {name} {how}")
     for _, how, got in runs:
         for i in diff_inputs:
             h = got.hs[i]
