@@ -113,3 +113,28 @@ def test_backward_outside_the_autocast_region_replays_it() -> None:
         y = inv.invertible_call(block, x * 1)
     y.sum().backward()
     assert seen and all(d == torch.bfloat16 for d in seen)
+
+
+def test_train_eval_switch_between_forward_and_backward_is_detected() -> None:
+    torch.manual_seed(0)
+    F = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.5)).double()
+    block = inv.couple(F)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    y = inv.invertible_call(block, x * 1)
+    F.eval()
+    with pytest.raises(inv.InvfuncError, match=r"switched between train and eval mode"):
+        y.sum().backward()
+    F.train()
+    inv.invertible_call(block, x * 1).sum().backward()  # no switch: fine
+
+
+def test_eval_switch_of_pure_modules_is_harmless() -> None:
+    torch.manual_seed(0)
+    F = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh()).double()
+    block = inv.couple(F)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    y = inv.invertible_call(block, x * 1)
+    F.eval()  # Linear and Tanh do not depend on the mode
+    (g,) = torch.autograd.grad(y.sum(), x)
+    (want,) = torch.autograd.grad(block(x * 1).sum(), x)
+    torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12)

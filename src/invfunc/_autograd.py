@@ -96,6 +96,7 @@ class BlockState:
         "handles",
         "in_meta",
         "kept",
+        "modes",
         "n_data",
         "n_explicit",
         "n_out",
@@ -130,6 +131,7 @@ class BlockState:
     norms: bool
     in_meta: list[tuple[torch.Size, torch.dtype]]
     kept: bool
+    modes: tuple[list[torch.nn.Module], tuple[bool, ...]] | None
     static: bool
     prints: list[Fingerprint] | None
     policy: tuple[str, float | None]
@@ -475,6 +477,13 @@ class _BlockFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         state: BlockState = ctx.state
+        if state.modes is not None and tuple(m.training for m in state.modes[0]) != state.modes[1]:
+            raise InvfuncError(
+                f"invfunc.invertible_call({state.name}) backward: a module of the block switched between "
+                "train and eval mode after the forward (e.g. model.eval() before loss.backward()). "
+                "Rebuilding and differentiating it in the other mode (other dropout masks, other "
+                "normalisation) would give a wrong gradient; switch modes after the backward."
+            )
         saved = _saved_tensors(ctx, state)
         try:
             result = _block_backward(state, saved, grads, ctx.needs_input_grad[1:])
@@ -782,6 +791,8 @@ def apply_block(
         state.updates, state.update_refs, state.norms = set(), [], False
     state.in_meta = [(t.shape, t.dtype) for t in data]
     state.kept = mode == "checkpoint"
+    mods = block._mode_dependent()
+    state.modes = (mods, tuple(m.training for m in mods)) if mods else None
     state.policy = policy
     state.prints = [Fingerprint(t) for t in data] if policy[0] != "off" and not state.kept else None
     inputs = (*data, *param_tensors, *captured)

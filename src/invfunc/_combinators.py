@@ -10,7 +10,7 @@ import torch
 
 from ._autograd import BlockState, _fast_path, _is_wrapped, drop_if_unread, section_vjp
 from ._core import Invertible, _name
-from ._replay import reread, static_reads
+from ._replay import mode_dependent, reread, static_reads
 
 __all__ = ["Chain", "Coupling", "chain", "couple"]
 
@@ -205,6 +205,9 @@ class Coupling(Invertible):
         return self._inverse
 
     # -- the engine protocol ------------------------------------------------------------
+    def _mode_dependent(self) -> list[torch.nn.Module]:
+        return mode_dependent(self.F) + (mode_dependent(self.G) if self.G is not None else [])
+
     def _static_reads(self, section: str) -> list[torch.Tensor] | None:
         return reread(self.F if section == "F" else self.G)  # type: ignore[arg-type]
 

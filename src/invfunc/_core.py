@@ -143,6 +143,10 @@ class Invertible:
         """The parameters ``section`` reads now, for a block with static sections."""
         return None
 
+    def _mode_dependent(self) -> list[torch.nn.Module]:
+        """Modules of this block whose behaviour may depend on train/eval mode."""
+        return []
+
     def _rebuild(self, outputs: Sequence[torch.Tensor], params: Sequence[Any]) -> Any:
         """The inputs, rebuilt from the outputs by the inverse."""
         return self._inv(*outputs, *params)

@@ -414,3 +414,11 @@ def reread(fn: _nn.Module) -> list[_Tensor] | None:
         got = static_reads(fn)
         return None if got is None else got[0]
     return [m._parameters[name] for m, name in slots]  # type: ignore[misc]
+
+
+def mode_dependent(fn: object) -> list[_nn.Module]:
+    """The modules in ``fn`` whose result may depend on train/eval mode: everything but the
+    pure built-ins (a user-defined module may branch on ``self.training``)."""
+    if not isinstance(fn, _nn.Module):
+        return []
+    return [m for m in fn.modules() if type(m) not in _PURE_MODULES]
