@@ -115,7 +115,9 @@ def test_grads_call_per_block_float64(c: Composite) -> None:
 def test_grads_float32_within_reconstruction_error(c: Composite, spelling: str) -> None:
     # measured: the gradient error stays below 7x the round-trip error; allow 100x
     rtol = 100 * max(round_trip_error(c), EPS_F32)
-    assert rtol < 1e-4
+    # a guard against a vacuous tolerance; exp-scaled composites reach ~2e-6 round trip
+    # under the "thorough" profile (1000 examples), hence 1e-3 rather than 1e-4
+    assert rtol < 1e-3
     call = per_block(c) if spelling == "call per block" else None
     check_grads(c.net, *c.make_input(), *c.args, call=call, params=c.params, rtol=rtol)
 
