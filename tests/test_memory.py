@@ -45,8 +45,9 @@ def test_freed_inputs_report_zero_bytes_and_explain_counts_them() -> None:
     x = torch.randn(B, 2 * H, dtype=torch.float64, requires_grad=True)
     with inv.explain() as rep:
         y = inv.invertible_call(net, x * 1)
-    assert [i for _, i, _ in rep.freed] == [0, 0, 0, 0]  # the caller's input and three boundaries
-    assert sum(n for _, _, n in rep.freed) == 4 * X_BYTES
+    # the caller's input, then 5 inner boundaries as pairs of halves (split -> 4 couplings -> join)
+    assert [i for _, i, _ in rep.freed] == [0, 1] * 5 + [0]
+    assert sum(n for _, _, n in rep.freed) == 6 * X_BYTES
     y.sum().backward()
 
 

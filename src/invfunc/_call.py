@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ._autograd import _EXPLAIN, apply_block, free_call_inputs, replaying
+from ._combinators import pairs_inside
 from ._core import Invertible, _name
 from ._modes import check_mode, current_mode
 from ._replay import AutocastState
@@ -126,6 +127,8 @@ def _call(
 
     autocast = AutocastState()
     blocks, out, last_params = fn._plan(args)
+    if not last_params:
+        blocks = pairs_inside(blocks, out)
     single = False
     state = first = None
     for k, block in enumerate(blocks):

@@ -383,6 +383,60 @@ class _Variadic(Invertible):
         return len(args)
 
 
+def _split_halves(x: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    h = x.size(d) // 2
+    a, b = x.split_with_sizes([h, h], d)
+    return a.clone(memory_format=torch.contiguous_format), b.clone(memory_format=torch.contiguous_format)
+
+
+def _halves(d: int) -> tuple[Invertible, Invertible]:
+    """The blocks that take one tensor to its two contiguous halves along ``d``, and back.
+
+    NOTE [Pairs inside a chain]: a chain of single-tensor couplings is run with pairs
+    between its blocks: one ``split halves`` block first, one ``join halves`` block last.
+    The halves are then contiguous tensors of their own (G reads ``y1`` without a copy, no
+    narrow views in the backward), each freed and rebuilt like any boundary; the two extra
+    blocks cost a copy of the input and of the output per call instead of copies per block.
+    """
+    got = _HALVES.get(d)
+    if got is None:
+        split = Invertible(
+            lambda x: _split_halves(x, d),
+            lambda a, b: torch.cat([a, b], d),
+            n_inputs=1,
+            name="split halves",
+            wraps=False,
+        )
+        join = Invertible(
+            lambda a, b: torch.cat([a, b], d),
+            lambda y: _split_halves(y, d),
+            n_inputs=2,
+            name="join halves",
+            wraps=False,
+        )
+        split._arity = join._arity = None
+        got = _HALVES[d] = (split, join)
+    return got
+
+
+_HALVES: dict[int, tuple[Invertible, Invertible]] = {}
+
+
+def pairs_inside(blocks: list[Invertible], first: tuple[Any, ...]) -> list[Invertible]:
+    """``blocks``, run with pairs between them where that is the same computation
+    (NOTE [Pairs inside a chain]): two or more single-tensor couplings on the same dim."""
+    if len(blocks) < 2 or len(first) != 1 or not isinstance(first[0], torch.Tensor):
+        return blocks
+    x = first[0]
+    if x.dim() == 0 or _is_wrapped(x) or not all(type(b) is Coupling for b in blocks):
+        return blocks
+    d = blocks[0].dim % x.dim()  # type: ignore[attr-defined]
+    if x.size(d) % 2 or any(b.dim % x.dim() != d for b in blocks):  # type: ignore[attr-defined]
+        return blocks  # the couplings raise their own clear errors
+    split, join = _halves(d)
+    return [split, *blocks, join]
+
+
 def _shape(x: object) -> str:
     if isinstance(x, torch.Tensor):
         return f"a tensor of shape {tuple(x.shape)}"
