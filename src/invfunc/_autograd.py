@@ -17,7 +17,7 @@ the composite (a chain is its blocks in a row). Each application
    succeeded, so a forward that raises frees nothing;
 4. in backward rebuilds the inputs from the outputs by the inverse, refills freed
    storages (NOTE [Refilling without a trace]), and takes the vector-Jacobian
-   product of the block with ``torch.func.vjp``, under the forward's RNG and
+   product of the block (NOTE [Two ways to a VJP]), under the forward's RNG and
    autocast state. With ``create_graph=True`` the rebuild is recorded, so double
    backward differentiates through it.
 
@@ -110,14 +110,12 @@ class BlockState:
         "rng",
         "sections",
         "seen",
-        "single",
         "static",
         "update_refs",
         "updates",
     )
     block: Any
     name: str
-    single: bool
     n_out: int
     n_data: int
     param_template: list[Any]
@@ -204,6 +202,18 @@ class BlockState:
             "torch.func.functional_call outside the block): swap them inside the block's function, "
             "or use mode='plain' for this call."
         )
+
+    def unpack(
+        self, saved: Sequence[torch.Tensor]
+    ) -> tuple[
+        Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[torch.Tensor] | None
+    ]:
+        """The saved tensors as (outputs, explicit parameters, captured tensors, kept inputs
+        or None), in the order ``setup_context`` saved them."""
+        a = self.n_out
+        b = a + self.n_explicit
+        c = b + len(self.captured)
+        return saved[:a], saved[a:b], saved[b:c], (saved[c:] if self.kept else None)
 
     def merge_params(self, explicit: Sequence[torch.Tensor]) -> list[Any]:
         it = iter(explicit)
@@ -446,7 +456,7 @@ class _BlockFunction(torch.autograd.Function):
         tr = state.replay_tracer(
             tensors[n_data + n_exp :], sections[0] if len(sections) == 1 else None, tensors[: n_data + n_exp]
         )
-        with state.replay_rng(state.block._sections[0]) if state.rng else nullcontext(), tr:
+        with state.replay_rng(sections[0]), tr:
             out = state.block._fn(*data, *state.merge_params(explicit))
         outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
         return _no_input_as_is(outs, tensors)
@@ -532,12 +542,7 @@ def _block_backward(
     grads: Sequence[torch.Tensor],
     needs: Sequence[bool],
 ) -> list[torch.Tensor | None]:
-    n_out, _n_data, n_exp = state.n_out, state.n_data, state.n_explicit
-    n_cap = len(state.captured)
-    outs = saved[:n_out]
-    explicit = saved[n_out : n_out + n_exp]
-    captured = saved[n_out + n_exp : n_out + n_exp + n_cap]
-    kept = saved[n_out + n_exp + n_cap :] if state.kept else None
+    outs, explicit, captured, kept = state.unpack(saved)
     block = state.block
     with state.autocast.replay():
         fused = getattr(block, "_fused_backward", None)
@@ -658,10 +663,7 @@ def _materialize(state: BlockState | None) -> None:
             f"invfunc.invertible_call({state.name}): a freed input was read but the outputs needed "
             f"to rebuild it are gone ({e}). Pass it in keep= if you need it after the call."
         ) from e
-    n_out, n_exp = state.n_out, state.n_explicit
-    outs = saved[:n_out]
-    explicit = saved[n_out : n_out + n_exp]
-    captured = saved[n_out + n_exp : n_out + n_exp + len(state.captured)]
+    outs, explicit, captured, _ = state.unpack(saved)
     with torch.no_grad(), state.autocast.replay():
         rebuild(state, outs, explicit, captured)
     del saved, outs
@@ -776,7 +778,6 @@ def apply_block(
         return outs, single, None  # nothing requires grad: a plain call
     first = rng.get(block._sections[0])
     state.rng = None if first is None or first.unchanged() else rng
-    state.single = single
     state.n_out = len(outs)
     state.n_data = n_data
     state.param_template = [None if isinstance(p, torch.Tensor) else p for p in params]

@@ -147,8 +147,8 @@ def _call(
             policy=policy,
             label=label,
         )
-        if first is None:
-            first = state
+        if k == 0:
+            first = state  # the block that received the caller's inputs
         if single:
             out = out[0]
     if run_mode == "invertible" and first is not None:

@@ -73,6 +73,7 @@ class Tracer(TorchFunctionMode):
         self.check: Callable[[str], Exception] | None = None
         self.expected: list[tuple[_Tensor, _Tensor]] = []
         self.claimed: set[int] = set()
+        self.known: set[int] = set()
 
     # -- recording ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -154,13 +155,15 @@ class Tracer(TorchFunctionMode):
                 self.updates.add(id(target))
                 self._update_refs.append(target)
         out = func(*args, **kwargs)
+        self._mark_produced(out)
+        return out
+
+    def _mark_produced(self, out: Any) -> None:
+        """Remember the tensors an op returned: tensors made inside the block are not external."""
         if isinstance(out, _Tensor):
             self.produced.add(id(out))
         elif type(out) in (list, tuple):
-            for o in out:
-                if isinstance(o, _Tensor):
-                    self.produced.add(id(o))
-        return out
+            self.produced.update(id(o) for o in out if isinstance(o, _Tensor))
 
     def _replay(self, func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         subst = self.subst
@@ -186,10 +189,7 @@ class Tracer(TorchFunctionMode):
             args, kwargs = _without_running_stats(norm, list(args), kwargs)
         out = func(*args, **kwargs)
         if self.check is not None:
-            if isinstance(out, _Tensor):
-                self.produced.add(id(out))
-            elif type(out) in (list, tuple):
-                self.produced.update(id(o) for o in out if isinstance(o, _Tensor))
+            self._mark_produced(out)
         return out
 
     def _resolve(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:

@@ -49,7 +49,7 @@ __all__ = ["Freed", "StorageHandle", "free_reason", "is_freed"]
 _use_count = torch._C._storage_Use_Count
 _set_version = torch._C._autograd._unsafe_set_version_counter
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-_RESULT_SAVERS: dict[type, bool] = {}
+_RESULT_SAVERS: dict[type, bool | None] = {}
 # Producers whose backward uses their saved result smoothly, so that a rebuilt value
 # (equal up to round-off) gives the gradient up to round-off. ReLU and other
 # thresholds are not among them: a rebuilt 0 may come back as 1e-17 and flip the mask.
@@ -73,16 +73,14 @@ def _producer_saves_result(t: torch.Tensor) -> bool | None:
     if fn is None:
         return False
     kind = type(fn)
-    saves = _RESULT_SAVERS.get(kind, False) if kind in _RESULT_SAVERS else None
     if kind not in _RESULT_SAVERS:
         if getattr(kind, "_invfunc_saves_outputs", False):
-            saves = True
+            _RESULT_SAVERS[kind] = True
         elif hasattr(fn, "_saved_result"):
-            saves = True if kind.__name__ in _SMOOTH_RESULT_SAVERS else None
+            _RESULT_SAVERS[kind] = True if kind.__name__ in _SMOOTH_RESULT_SAVERS else None
         else:
-            saves = False
-        _RESULT_SAVERS[kind] = saves  # type: ignore[assignment]
-    return saves
+            _RESULT_SAVERS[kind] = False
+    return _RESULT_SAVERS[kind]
 
 
 def is_freed(t: torch.Tensor) -> bool:
@@ -96,7 +94,7 @@ def is_freed(t: torch.Tensor) -> bool:
     )
 
 
-def free_reason(t: torch.Tensor, extra_refs: int = 0) -> str | None:
+def free_reason(t: torch.Tensor) -> str | None:
     """Why ``t`` must not be freed, or None if it may be (NOTE [Freeing rules])."""
     if type(t) is not torch.Tensor:
         return f"its type is {type(t).__name__}, not a plain torch.Tensor"
@@ -129,7 +127,7 @@ def free_reason(t: torch.Tensor, extra_refs: int = 0) -> str | None:
             f"its producer ({type(t.grad_fn).__name__}) saved it for a backward that a rebuilt value "
             "could change (e.g. ReLU's mask); move that op inside the block to free it"
         )
-    expected = 2 + saves + extra_refs
+    expected = 2 + saves
     if _use_count(storage._cdata) > expected:
         return "another tensor (a view, an alias or an output) shares its storage"
     return None
