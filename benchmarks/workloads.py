@@ -55,7 +55,16 @@ __all__ = [
 Pairs = list[tuple[nn.Module, nn.Module]]
 
 #: Every configuration, in the order rows are reported.
-CONFIGS = ("plain", "checkpoint", "memcnn", "revlib", "invtorch", "invfunc", "invfunc-per-block")
+CONFIGS = (
+    "plain",
+    "checkpoint",
+    "memcnn",
+    "revlib",
+    "invtorch",
+    "invfunc",
+    "invfunc-per-block",
+    "invfunc-input-kept",
+)
 
 #: Peer configurations: the module to import and the version BENCHMARK.md measured.
 PEERS = {"memcnn": ("memcnn", "1.5.2"), "revlib": ("revlib", "1.7.2"), "invtorch": ("invtorch", "0.5.0")}
@@ -68,6 +77,7 @@ LABELS = {
     "invtorch": "InvTorch",
     "invfunc": "invfunc (one call)",
     "invfunc-per-block": "invfunc (call per block)",
+    "invfunc-input-kept": "invfunc (one call, input kept)",
 }
 
 #: Per workload: what it is, its default sizes and what ``--hidden`` means there.

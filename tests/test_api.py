@@ -154,6 +154,15 @@ def test_bad_keep_and_bad_decorator_arguments() -> None:
         inv.couple(3)  # type: ignore[arg-type]
 
 
+def test_keyword_arguments_are_a_clear_error() -> None:
+    f = inv.invertible(lambda x, s: x * s, inverse=lambda y, s: y / s)
+    x = torch.randn(3, requires_grad=True)
+    msg = r"invertible_call\(<lambda>, \*args, s=\.\.\.\): keyword arguments are not passed"
+    with pytest.raises(TypeError, match=msg):
+        inv.invertible_call(f, x * 1, s=2.0)
+    torch.testing.assert_close(inv.invertible_call(f, x * 1, 2.0), x * 2)  # positionally: fine
+
+
 def test_already_freed_input_from_a_foreign_free_is_a_clear_error() -> None:
     f = inv.invertible(lambda x: x * 2, inverse=lambda y: y / 2)
     x = torch.randn(3, requires_grad=True) * 1

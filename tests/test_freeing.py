@@ -62,6 +62,81 @@ def test_keep_by_position_and_by_tensor() -> None:
     assert not _freed(h)
 
 
+@pytest.mark.parametrize("requires_grad", [True, False], ids=["leaf requiring grad", "data leaf"])
+@pytest.mark.parametrize("depth", [1, 3], ids=["one coupling", "chain"])
+def test_leaf_named_in_free_is_freed_and_gradients_are_plain(requires_grad: bool, depth: int) -> None:
+    net, params = revnet(depth, 3)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=requires_grad)
+    before = x.detach().clone()
+    with inv.explain() as report:
+        y = inv.invertible_call(net, x, free=[x])
+    assert _freed(x) == (requires_grad or depth == 1)
+    assert report.freed  # the caller's x, or the halves the chain made of it
+    loss = y.square().mean()
+    wrt = [x, *params] if requires_grad else params
+    got = torch.autograd.grad(loss, wrt)
+    assert not _freed(x)
+    torch.testing.assert_close(x.detach(), before, rtol=1e-12, atol=1e-12)  # reconstruction
+    x_ref = before.clone().requires_grad_(requires_grad)
+    want = torch.autograd.grad(net(x_ref).square().mean(), [x_ref, *params] if requires_grad else params)
+    assert_all_close(got, want, **F64)
+
+
+def test_leaf_named_in_free_is_rebuilt_when_read() -> None:
+    block = _block()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    before = x.clone()
+    y = inv.invertible_call(block, x, free=0)
+    assert _freed(x)
+    torch.testing.assert_close(x * 1, before, **F64)  # any read rebuilds it
+    assert not _freed(x)
+    y.sum().backward()
+    torch.testing.assert_close(x, before, **F64)
+
+
+def test_free_refuses_parameters_keep_conflicts_and_non_data_arguments() -> None:
+    block = _block()
+    scale = inv.invertible(lambda t, s: t * s, inverse=lambda t, s: t / s)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    p = torch.nn.Parameter(x.clone())
+    with pytest.raises(ValueError, match=r"free=\.\.\.\): input 0 is an nn.Parameter; parameters are never"):
+        inv.invertible_call(block, p, free=[p])
+    with pytest.raises(ValueError, match=r"input 0 is named in both keep= and free="):
+        inv.invertible_call(block, x, keep=[0], free=[x])
+    s = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match=r"argument 1 is not a data input of the call"):
+        inv.invertible_call(scale, x, s, free=[1])
+    with pytest.raises(ValueError, match=r"a tensor that is not a data input of the call"):
+        inv.invertible_call(scale, x, s, free=[s])
+    with pytest.raises(ValueError, match=r"free=\.\.\.\): 4 is neither a tensor nor a position"):
+        inv.invertible_call(block, x, free=4)
+    assert not _freed(x) and not _freed(s)  # nothing was run or freed
+
+
+def test_leaves_made_inside_the_call_are_freed_and_user_data_is_not() -> None:
+    # A data batch straight into a chain: the split into halves needs no gradient and
+    # runs as a plain call, so the halves are leaves; they are the call's own and freed.
+    net, params = revnet(3, 3)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    before = x.clone()
+    with inv.explain() as report:
+        y = inv.invertible_call(net, x)
+    assert not _freed(x)
+    assert [i for _, i, _ in report.freed[:2]] == [0, 1] and "block 1 of 3" in report.freed[0][0]
+    got = torch.autograd.grad(y.square().mean(), params)
+    assert torch.equal(x, before)
+    assert_all_close(got, torch.autograd.grad(net(x).square().mean(), params), **F64)
+    # a one-sided coupling hands the caller's second half on unchanged: never freed
+    torch.manual_seed(0)
+    one_sided = inv.chain(inv.couple(mlp(3).double()), inv.couple(mlp(3).double()))
+    a, b = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    b_before = b.clone()
+    y1, y2 = inv.invertible_call(one_sided, a, b)
+    assert not _freed(b)
+    (y1.square().sum() + y2.square().sum()).backward()
+    assert torch.equal(b, b_before)
+
+
 @pytest.mark.parametrize(
     "make",
     [

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ._autograd import _EXPLAIN, apply_block, free_call_inputs, replaying
-from ._combinators import pairs_inside
+from ._combinators import _Halves, pairs_inside
 from ._core import Invertible, _name
 from ._modes import check_mode, current_mode
 from ._replay import AutocastState
@@ -22,7 +22,9 @@ def invertible_call(
     *args: Any,
     mode: str | None = None,
     keep: Sequence[int | torch.Tensor] = (),
+    free: Sequence[int | torch.Tensor] = (),
     verify: str | None = None,
+    **kwargs: Any,
 ) -> Any:
     """Run an invertible function so that its inputs need not be kept for backward.
 
@@ -43,6 +45,11 @@ def invertible_call(
             inputs, recompute intermediates) or ``"plain"`` (ordinary autograd).
             Default: the ambient :func:`invfunc.mode`, else ``"invertible"``.
         keep: inputs never freed, as positions in ``args`` or as the tensors.
+        free: leaf inputs (user data, such as a batch from a data loader) that may be
+            freed like intermediates, as positions in ``args`` or as the tensors. Leaves
+            are kept by default; a leaf named here is freed when the other rules allow
+            it (not a parameter, not a view, storage unshared) and after the backward it
+            holds the inverse's reconstruction, equal to the original up to round-off.
         verify: ``"raise"``, ``"warn"`` or ``"off"``: check in backward that every rebuilt
             input matches a fingerprint taken in the forward (see :func:`invfunc.verify`).
             Default: the ambient :func:`invfunc.verify` policy, else ``"off"``.
@@ -67,10 +74,18 @@ def invertible_call(
         >>> torch.allclose(x.grad, ref.grad, atol=1e-6)
         True
     """
+    if kwargs:
+        raise TypeError(
+            f"invfunc.invertible_call({_name(fn)}, *args, {', '.join(f'{k}=...' for k in kwargs)}): "
+            "keyword arguments are not passed to the function (invertibles take positional "
+            "arguments: data inputs, then parameters); the call itself takes only mode=, keep=, "
+            "free= and verify=. Pass them positionally, or bind them with functools.partial "
+            "before invfunc.invertible(...)."
+        )
     if torch.compiler.is_compiling():
         # NOTE [torch.compile]: the call is a graph break; it runs eagerly, with freeing.
-        return _eager_call()(fn, *args, mode=mode, keep=keep, verify=verify)
-    return _call(fn, args, mode, keep, verify)
+        return _eager_call()(fn, *args, mode=mode, keep=keep, free=free, verify=verify)
+    return _call(fn, args, mode, keep, free, verify)
 
 
 _EAGER: list[Any] = []
@@ -87,6 +102,7 @@ def _call(
     args: tuple[Any, ...],
     mode: str | None,
     keep: Sequence[int | torch.Tensor],
+    free: Sequence[int | torch.Tensor],
     verify: str | None,
 ) -> Any:
     if not isinstance(fn, Invertible):
@@ -114,7 +130,10 @@ def _call(
             rep.kept.append(
                 (fn._name, -1, "saved-tensor hooks are active (e.g. inside torch.utils.checkpoint)")
             )
-    keep_pos, keep_ids = _keep_sets(fn, args, keep)
+    keep_pos, keep_ids = _named_inputs(fn, args, keep, "keep")
+    free_pos, free_ids = _named_inputs(fn, args, free, "free")
+    if free_pos or free_ids:
+        _check_free(fn, args, keep_pos, keep_ids, free_pos, free_ids)
     policy = current_policy()
     if verify is not None:
         policy = (check_policy(verify, f"invfunc.invertible_call({fn._name}, ..., verify=...)"), policy[1])
@@ -124,6 +143,17 @@ def _call(
 
     def keep_none(i: int, t: torch.Tensor) -> bool:
         return id(t) in keep_ids
+
+    def free_leaf(i: int, t: torch.Tensor) -> bool:
+        return i in free_pos or id(t) in free_ids
+
+    arg_ids = {id(a) for a in args}
+
+    def inner_leaf(i: int, t: torch.Tensor) -> bool:
+        # A leaf between blocks was made inside the call (a block run as a plain call
+        # because nothing it reads requires grad), unless a block handed on one of the
+        # caller's own tensors unchanged (a one-sided coupling's second half).
+        return id(t) not in arg_ids
 
     autocast = AutocastState()
     blocks, out, last_params = fn._plan(args)
@@ -135,7 +165,7 @@ def _call(
         cur = out if not single else (out,)
         if k == len(blocks) - 1:
             cur = (*cur, *last_params)
-        label = f"{block._name}, block {k + 1} of {len(blocks)}" if len(blocks) > 1 else block._name
+        label = _label(block, k, blocks)
         out, single, state = apply_block(
             block,
             cur,
@@ -143,6 +173,7 @@ def _call(
             guard=k == 0,
             keep=keep_input if k == 0 else keep_none,
             autocast=autocast,
+            leaves=None if k == 0 else inner_leaf,
             previous=state,
             policy=policy,
             label=label,
@@ -152,29 +183,67 @@ def _call(
         if single:
             out = out[0]
     if run_mode == "invertible" and first is not None:
-        free_call_inputs(first, args, keep_input)  # inputs are the leading arguments
+        free_call_inputs(first, args, keep_input, free_leaf)  # inputs are the leading arguments
     return out
+
+
+def _label(block: Invertible, k: int, blocks: Sequence[Invertible]) -> str:
+    """How errors and reports name block ``k``: counted among the caller's blocks, not the
+    split and join that run a chain with pairs inside (NOTE [Pairs inside a chain])."""
+    if isinstance(block, _Halves):
+        return f"{block._name} (pairs inside the chain)"
+    user = [b for b in blocks if not isinstance(b, _Halves)]
+    if len(user) == 1:
+        return block._name
+    return f"{block._name}, block {sum(not isinstance(b, _Halves) for b in blocks[:k]) + 1} of {len(user)}"
 
 
 def _saved_tensors_hooks_active() -> bool:
     return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
-def _keep_sets(
-    fn: Invertible, args: Sequence[Any], keep: Sequence[int | torch.Tensor]
+def _named_inputs(
+    fn: Invertible, args: Sequence[Any], names: Sequence[int | torch.Tensor], option: str
 ) -> tuple[set[int], set[int]]:
-    if isinstance(keep, (int, torch.Tensor)):
-        keep = (keep,)
+    """The positions and tensor ids named by ``keep=`` or ``free=``."""
+    if isinstance(names, (int, torch.Tensor)):
+        names = (names,)
     pos: set[int] = set()
     ids: set[int] = set()
-    for k in keep:
+    for k in names:
         if isinstance(k, torch.Tensor):
             ids.add(id(k))
         elif isinstance(k, int) and not isinstance(k, bool) and -len(args) <= k < len(args):
             pos.add(k % len(args))
         else:
             raise ValueError(
-                f"invfunc.invertible_call({fn._name}, ..., keep=...): {k!r} is neither a tensor nor a "
+                f"invfunc.invertible_call({fn._name}, ..., {option}=...): {k!r} is neither a tensor nor a "
                 f"position among the {len(args)} arguments; pass positions (0 for the first) or the tensors."
             )
     return pos, ids
+
+
+def _check_free(
+    fn: Invertible,
+    args: Sequence[Any],
+    keep_pos: set[int],
+    keep_ids: set[int],
+    free_pos: set[int],
+    free_ids: set[int],
+) -> None:
+    """``free=`` names data inputs only, none of them also in ``keep=``, no parameter."""
+    n_data = fn._n_data(args)
+    where = f"invfunc.invertible_call({fn._name}, ..., free=...)"
+    data_ids = {id(t): i for i, t in enumerate(args[:n_data])}
+    for i in sorted(free_pos | {data_ids.get(k, -1) for k in free_ids}):
+        if i < 0 or i >= n_data:
+            what = f"argument {i}" if i >= 0 else "a tensor that"
+            raise ValueError(
+                f"{where}: {what} is not a data input of the call (the first {n_data} argument(s)); "
+                "only data inputs are ever freed."
+            )
+        t = args[i]
+        if i in keep_pos or id(t) in keep_ids:
+            raise ValueError(f"{where}: input {i} is named in both keep= and free=; name it in one.")
+        if isinstance(t, torch.nn.Parameter):
+            raise ValueError(f"{where}: input {i} is an nn.Parameter; parameters are never freed.")

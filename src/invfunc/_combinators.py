@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 
-from ._autograd import BlockState, _fast_path, _is_wrapped, drop_if_unread, section_vjp
+from ._autograd import BlockState, _fast_path, _generic_vjp, _is_wrapped, drop_if_unread, rebuild, section_vjp
 from ._core import Invertible, _name
 from ._replay import mode_dependent, reread, static_reads
 
@@ -295,7 +296,8 @@ class Coupling(Invertible):
         fast = _fast_path(*outs, *grads)
         if fast:  # plain tensors: views of them are cheaper to make
             outs = [o.detach() for o in outs]
-        x1_dst = x2_dst = gx = None
+        x1_dst = x2_dst = None
+        spare1 = spare2 = None
         if n_data == 1:
             d = self.dim % outs[0].dim()
             h = outs[0].size(d) // 2
@@ -310,13 +312,21 @@ class Coupling(Invertible):
             gy1, gy2 = grads
             if fast and handles[0] is not None and handles[1] is not None and handles[0] is not handles[1]:
                 if handles[0].freed and handles[1].freed:
-                    x1_dst, x2_dst = handles[0].view(), handles[1].view()
+                    # NOTE [Releasing rebuilt boundaries]: x_i is written into y_i's memory
+                    # when that is the call's own, then moved into x_i's storage
+                    spare1 = state.spare_output(0, y1, handles[0])
+                    spare2 = state.spare_output(1, y2, handles[1])
+                    x1_dst = spare1.view() if spare1 is not None else handles[0].view()
+                    x2_dst = spare2.view() if spare2 is not None else handles[1].view()
 
         if self.G is not None:
             g_in = y1.contiguous() if n_data == 1 else y1
             g_out, pull_g = section_vjp(state, self.G, "G", g_in, captured, cap_needs)
             del g_in
             x2 = torch.sub(y2, g_out, out=x2_dst) if x2_dst is not None else y2 - g_out
+            if spare2 is not None:
+                handles[1].adopt(spare2)  # type: ignore[union-attr]
+                x2 = x2_dst = handles[1].view()  # type: ignore[union-attr]
             if fast:
                 drop_if_unread(g_out)
             del g_out
@@ -324,19 +334,19 @@ class Coupling(Invertible):
             del pull_g
             g_y1 = g_y1_or_none if g_y1_or_none is not None else torch.zeros_like(gy1)  # G ignores y1
             add(pairs)
-            if fast and n_data == 1:
-                gx = torch.empty_like(outs[0])
-                gx1, gx2_dst = gx.split_with_sizes([h, h], d)
-            gz1 = torch.add(gy1, g_y1, out=gx1) if gx is not None else gy1 + g_y1
+            gz1 = gy1 + g_y1
             del g_y1_or_none, g_y1
         else:
             x2 = x2_dst.copy_(y2) if x2_dst is not None else y2
+            if spare2 is not None:
+                handles[1].adopt(spare2)  # type: ignore[union-attr]
+                x2 = x2_dst = handles[1].view()  # type: ignore[union-attr]
             gz1 = gy1
-            if fast and n_data == 1:
-                gx = torch.empty_like(outs[0])
-                gx1, gx2_dst = gx.split_with_sizes([h, h], d)
         f_out, pull_f = section_vjp(state, self.F, "F", x2, captured, cap_needs)
         x1 = torch.sub(y1, f_out, out=x1_dst) if x1_dst is not None else y1 - f_out
+        if spare1 is not None:
+            handles[0].adopt(spare1)  # type: ignore[union-attr]
+            x1 = x1_dst = handles[0].view()  # type: ignore[union-attr]
         if fast:
             drop_if_unread(f_out)
         del f_out
@@ -347,10 +357,14 @@ class Coupling(Invertible):
         del pull_f
         g_x2 = g_x2_or_none if g_x2_or_none is not None else torch.zeros_like(gy2)  # F ignores x2
         add(pairs)
-        if gx is not None:
-            if self.G is None:
-                gx1.copy_(gz1)
-            torch.add(gy2, g_x2, out=gx2_dst)
+        if fast and n_data == 1:
+            # the whole input's gradient is allocated only now, after F's recompute and
+            # backward, the moment of this backward's peak memory
+            gx = torch.empty_like(grads[0], memory_format=torch.contiguous_format)
+            gx1, gx2 = gx.split_with_sizes([h, h], d)
+            gx1.copy_(gz1)
+            del gz1
+            torch.add(gy2, g_x2, out=gx2)
             data_grads: list[torch.Tensor | None] = [gx]
         else:
             gx2 = gy2 + g_x2
@@ -383,10 +397,74 @@ class _Variadic(Invertible):
         return len(args)
 
 
-def _split_halves(x: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _split_halves(x: torch.Tensor, *, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     h = x.size(d) // 2
     a, b = x.split_with_sizes([h, h], d)
     return a.clone(memory_format=torch.contiguous_format), b.clone(memory_format=torch.contiguous_format)
+
+
+class _Halves(Invertible):
+    """``split halves`` (one tensor to its two contiguous halves along ``d``) or ``join
+    halves`` (the pair back to one tensor): the ends of a chain run with pairs inside.
+
+    They read no parameters and draw no random numbers (static, no recording), and their
+    backward writes the rebuilt input straight into its freed storage (no temporary)."""
+
+    _exact = True  # the inverse copies values: no drift to verify
+
+    def __init__(self, d: int, join: bool) -> None:
+        split = functools.partial(_split_halves, d=d)
+        cat = functools.partial(_cat, d=d)
+        super().__init__(
+            cat if join else split,
+            split if join else cat,
+            n_inputs=2 if join else 1,
+            name="join halves" if join else "split halves",
+            wraps=False,
+        )
+        self._arity = None
+        self.d, self.join = d, join
+
+    def _static_sections(self) -> dict[str, tuple[list[torch.Tensor], bool]] | None:
+        return {self._sections[0]: ([], False)}
+
+    def _static_reads(self, section: str) -> list[torch.Tensor] | None:
+        return []
+
+    def _fused_backward(
+        self,
+        state: BlockState,
+        outs: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        explicit: Sequence[torch.Tensor],
+        captured: Sequence[torch.Tensor],
+        needs: Sequence[bool],
+    ) -> list[torch.Tensor | None]:
+        if not _fast_path(*outs, *grads) or state.prints is not None:  # graph wanted, or verify: general
+            return _generic_vjp(
+                state, rebuild(state, outs, explicit, captured), explicit, captured, grads, needs
+            )
+        d, handles = self.d, state.handles
+        if handles is not None:
+            if self.join:  # the pair, rebuilt from the caller's output (which stays)
+                for h, half in zip(handles, outs[0].detach().split_with_sizes([outs[0].size(d) // 2] * 2, d)):
+                    if h is not None and h.freed:
+                        h.view().copy_(half)
+            elif handles[0] is not None and handles[0].freed:
+                torch.cat([outs[0].detach(), outs[1].detach()], d, out=handles[0].view())
+            state.restore_guards()
+        del outs
+        state.release_output()
+        if self.join:
+            g = grads[0]
+            data_grads = list(g.split_with_sizes([g.size(d) // 2] * 2, d))
+        else:
+            data_grads = [torch.cat([grads[0], grads[1]], d)]
+        return [g if n else None for g, n in zip(data_grads, needs)]
+
+
+def _cat(a: torch.Tensor, b: torch.Tensor, *, d: int) -> torch.Tensor:
+    return torch.cat([a, b], d)
 
 
 def _halves(d: int) -> tuple[Invertible, Invertible]:
@@ -400,22 +478,7 @@ def _halves(d: int) -> tuple[Invertible, Invertible]:
     """
     got = _HALVES.get(d)
     if got is None:
-        split = Invertible(
-            lambda x: _split_halves(x, d),
-            lambda a, b: torch.cat([a, b], d),
-            n_inputs=1,
-            name="split halves",
-            wraps=False,
-        )
-        join = Invertible(
-            lambda a, b: torch.cat([a, b], d),
-            lambda y: _split_halves(y, d),
-            n_inputs=2,
-            name="join halves",
-            wraps=False,
-        )
-        split._arity = join._arity = None
-        got = _HALVES[d] = (split, join)
+        got = _HALVES[d] = (_Halves(d, join=False), _Halves(d, join=True))
     return got
 
 

@@ -65,7 +65,7 @@ __all__ = [
 ]
 
 #: The configurations :func:`coupled_model` builds, all with the same math.
-CONFIGS = ("plain", "checkpoint", "invfunc", "invfunc-per-block")
+CONFIGS = ("plain", "checkpoint", "invfunc", "invfunc-per-block", "invfunc-input-kept")
 
 _MiB = 1024.0 * 1024.0
 _CHILD = "import sys; from invfunc._measure import _child_main; _child_main(sys.argv[1], sys.argv[2])"
@@ -323,8 +323,10 @@ def coupled_model(
     Args:
         config: ``"plain"`` (ordinary autograd), ``"checkpoint"``
             (``torch.utils.checkpoint``, non-reentrant, one per block), ``"invfunc"``
-            (one :func:`invfunc.invertible_call` over a :func:`invfunc.chain`) or
-            ``"invfunc-per-block"`` (one call per block).
+            (one :func:`invfunc.invertible_call` over a :func:`invfunc.chain`, the input
+            batch named in ``free=``, as InvTorch frees its input),
+            ``"invfunc-per-block"`` (one call per block, the first with ``free=``) or
+            ``"invfunc-input-kept"`` (one call, the input batch kept: the default).
         pairs: the ``(F, G)`` of each block, in order.
         dim: the dimension the input is split along.
 
@@ -351,14 +353,15 @@ def coupled_model(
 
         return checkpointed
     blocks = [couple(F, G, dim=dim) for F, G in pairs]
-    if config == "invfunc":
+    if config in ("invfunc", "invfunc-input-kept"):
         net = chain(*blocks)
-        return lambda x: invertible_call(net, x)  # type: ignore[no-any-return]
+        free = [0] if config == "invfunc" else []
+        return lambda x: invertible_call(net, x, free=free)  # type: ignore[no-any-return]
     if config == "invfunc-per-block":
 
         def per_block(x: torch.Tensor) -> torch.Tensor:
-            for block in blocks:
-                x = invertible_call(block, x)
+            for k, block in enumerate(blocks):
+                x = invertible_call(block, x, free=[0] if k == 0 else [])
             return x
 
         return per_block

@@ -4,7 +4,8 @@ NOTE [Freeing rules]
 
 A tensor handed to :func:`invfunc.invertible_call` is freed only when all hold:
 
-1. it is not a leaf (user data and parameters are never freed) and is a plain,
+1. it is not a leaf (user data and parameters are never freed, unless the caller
+   names a data leaf in ``free=``; parameters never) and is a plain,
    strided ``torch.Tensor`` on CPU or CUDA (no subclass, wrapper, inference tensor);
 2. it is not a view, starts its storage and covers all of it, with no zero stride;
 3. its storage is resizable, not shared memory, not pinned;
@@ -94,12 +95,13 @@ def is_freed(t: torch.Tensor) -> bool:
     )
 
 
-def free_reason(t: torch.Tensor) -> str | None:
-    """Why ``t`` must not be freed, or None if it may be (NOTE [Freeing rules])."""
+def free_reason(t: torch.Tensor, *, leaf_ok: bool = False) -> str | None:
+    """Why ``t`` must not be freed, or None if it may be (NOTE [Freeing rules]);
+    ``leaf_ok``: the caller named this leaf in ``free=``."""
     if type(t) is not torch.Tensor:
         return f"its type is {type(t).__name__}, not a plain torch.Tensor"
-    if t.grad_fn is None:
-        return "it is a leaf (user data or a parameter)"
+    if t.grad_fn is None and not leaf_ok:
+        return "it is a leaf (user data or a parameter); data leaves are freed only when named in free="
     if _is_wrapped(t):
         return "it is wrapped by a torch.func transform"
     if t.layout != torch.strided or t.device.type not in ("cpu", "cuda"):
@@ -169,6 +171,12 @@ class StorageHandle:
     @property
     def freed(self) -> bool:
         return self.storage.nbytes() == 0
+
+    def adopt(self, other: StorageHandle) -> None:
+        """Move ``other``'s memory (same size, already holding this tensor's rebuilt value)
+        into this freed storage; ``other``'s storage is left freed. Call :meth:`refill`
+        afterwards to finish, as after a write through :meth:`view`."""
+        self.storage._swap_data_ptr_(other.storage)  # type: ignore[attr-defined]
 
     def refill(self, value: torch.Tensor | None = None) -> None:
         """Write ``value`` back into the storage (or finish a write made through :meth:`view`)."""
