@@ -316,12 +316,6 @@ def test_checkpoint_mode_cures_an_inaccurate_inverse() -> None:
     assert_all_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: an input that is kept (keep=, or a leaf) is still rebuilt by the inverse in "
-    "backward and differentiated at the rebuilt value, so keep= (a remedy the verify message names) "
-    "does not cure drift and a leaf gets the inaccurate inverse's gradient (148% off here)",
-)
 @pytest.mark.parametrize("how", ["keep=", "leaf"])
 def test_a_kept_input_is_differentiated_at_its_kept_value(how: str) -> None:
     f, params = _affine(torch.float32, shift=-20.0)

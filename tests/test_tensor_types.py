@@ -457,18 +457,7 @@ def outcomes() -> dict[str, str]:
     return result
 
 
-BUGS = {
-    "nested_strided": "apply_block reads t.shape of a strided NestedTensor: RuntimeError "
-    "'NestedTensorImpl doesn't support sizes' instead of keeping it or a clear error",
-    "fake_recorded_block": "RngState.unchanged compares real RNG states with torch.equal under "
-    "FakeTensorMode: AssertionError from FakeTensorMode instead of working",
-    # verify="raise": Fingerprint (_verify.py) reads every data input, kept or not
-    "verify_meta": "Fingerprint reads a meta tensor: 'Tensor.item() cannot be called on meta tensors'",
-    "verify_sparse_coo": "Fingerprint reshapes a sparse tensor: 'reshape is not implemented for sparse ...'",
-    "verify_nested_jagged": "Fingerprint reshapes a NestedTensor: 'view(): cannot view shape (2, j1, 6) ...'",
-    "verify_quantized": "Fingerprint casts a quantized tensor: 'Creation of quantized tensor requires ...'",
-    "verify_fake": "Fingerprint reads a FakeTensor's values: DataDependentOutputException",
-}
+BUGS: dict[str, str] = {}  # case -> engine bug (a strict xfail), none open
 
 
 @pytest.mark.parametrize(

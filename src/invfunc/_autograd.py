@@ -104,6 +104,7 @@ class BlockState:
         "handles",
         "in_meta",
         "kept",
+        "live",
         "modes",
         "n_data",
         "n_explicit",
@@ -135,11 +136,11 @@ class BlockState:
     updates: set[int]
     update_refs: list[torch.Tensor]
     norms: bool
-    in_meta: list[tuple[torch.Size, torch.dtype]]
+    in_meta: list[tuple[torch.Size | None, torch.dtype]]  # None: a nested tensor
     kept: bool
     modes: tuple[list[torch.nn.Module], tuple[bool, ...]] | None
     static: bool
-    prints: list[Fingerprint] | None
+    prints: list[Fingerprint | None] | None
     policy: tuple[str, float | None]
 
     def __init__(self, block: Any) -> None:
@@ -151,6 +152,18 @@ class BlockState:
         self.ctx_ref: Callable[[], Any] | None = None
         self.next_ref: Callable[[], BlockState | None] | None = None
         self.prints = None
+        # inputs that were not freed: a weak reference and the version seen in the forward
+        self.live: list[tuple[weakref.ref[torch.Tensor], int] | None] | None = None
+
+    def live_inputs(self) -> list[torch.Tensor | None]:
+        """The data inputs that were kept (not freed) and still hold the values the forward
+        read, detached; None for the others (NOTE [Kept inputs are used as they are])."""
+        out: list[torch.Tensor | None] = [None] * self.n_data
+        for i, entry in enumerate(self.live or ()):
+            t = entry[0]() if entry is not None else None
+            if t is not None and type(t) is torch.Tensor and t._version == entry[1] and not is_freed(t):  # type: ignore[index]
+                out[i] = t.detach()
+        return out
 
     # -- helpers used by blocks' backward -----------------------------------------
     def replay_rng(self, section: str) -> Any:
@@ -236,10 +249,14 @@ class BlockState:
                 "make the inverse return one tensor per data input, in order."
             )
         for i, (t, (shape, dtype)) in enumerate(zip(got, self.in_meta)):
-            if not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype != dtype:
+            if (
+                not isinstance(t, torch.Tensor)
+                or (shape is not None and t.shape != shape)
+                or t.dtype != dtype
+            ):
                 raise InvfuncError(
                     f"invfunc.invertible_call({self.name}) backward: the inverse rebuilt input {i} as "
-                    f"{_describe(t)}, but the forward received shape {tuple(shape)} and dtype {dtype}; "
+                    f"{_describe(t)}, but the forward received shape {tuple(shape or ())} and dtype {dtype}; "
                     "check that the inverse really inverts the function."
                 )
         return tuple(got)
@@ -582,8 +599,18 @@ def rebuild(
     explicit: Sequence[torch.Tensor],
     captured: Sequence[torch.Tensor],
 ) -> tuple[torch.Tensor, ...]:
-    """The block's inputs rebuilt by its inverse; freed storages are refilled."""
+    """The block's inputs rebuilt by its inverse; freed storages are refilled.
+
+    NOTE [Kept inputs are used as they are]: an input that was not freed (a leaf, a view,
+    one named in ``keep=``) and still holds what the forward read is used as it is, not
+    rebuilt: its gradient is taken at the exact value even when the inverse drifts, and a
+    block whose inputs were all kept skips its inverse. Only when the backward builds no
+    graph of its own: with ``create_graph`` or under torch.func the rebuilt inputs carry
+    the dependence on the outputs that gradients of gradients need."""
     record = torch.is_grad_enabled()
+    live = state.live_inputs() if _fast_path(*outs) else [None] * state.n_data
+    if all(t is not None for t in live):
+        return tuple(live)  # type: ignore[arg-type]
     with (
         torch.set_grad_enabled(record),
         state.replay_rng(state.block._sections[0]),
@@ -594,6 +621,7 @@ def rebuild(
     data = state.check_rebuilt(got)
     state.check_drift(data)
     state.refill(data)
+    data = tuple(r if t is None else t for t, r in zip(live, data))
     if not torch.is_grad_enabled():  # with create_graph the rebuilt inputs hang on the outputs
         state.release_output()
     return data
@@ -732,6 +760,12 @@ def apply_block(
                 f"invfunc.invertible_call({block._name}, ...): data input {i} must be a tensor, got "
                 f"{type(t).__name__}; non-tensor arguments go after the {n_data} data input(s)."
             )
+        if t.is_nested and t.layout == torch.strided:
+            raise InvfuncError(
+                f"invfunc.invertible_call({block._name}, ...): data input {i} is a NestedTensor of the "
+                "strided layout, which a custom autograd.Function cannot take; build it with "
+                "layout=torch.jagged, or run this call with mode='plain'."
+            )
         if type(t) is Freed:
             _rebuild_guarded(t)
         elif is_freed(t):
@@ -819,14 +853,16 @@ def apply_block(
         state.updates, state.update_refs, state.norms = tracer.updates, tracer._update_refs, tracer.norms
     else:
         state.updates, state.update_refs, state.norms = set(), [], False
-    state.in_meta = [(t.shape, t.dtype) for t in data]
+    state.in_meta = [(None if t.is_nested else t.shape, t.dtype) for t in data]
     state.kept = mode == "checkpoint"
     mods = block._mode_dependent()
     state.modes = (mods, tuple(m.training for m in mods)) if mods else None
     state.policy = policy
     exact = getattr(block, "_exact", False)  # an inverse made of copies: nothing to verify
     state.prints = (
-        [Fingerprint(t) for t in data] if policy[0] != "off" and not (state.kept or exact) else None
+        [Fingerprint(t) if Fingerprint.supports(t) else None for t in data]
+        if policy[0] != "off" and not (state.kept or exact)
+        else None
     )
     inputs = (*data, *param_tensors, *captured)
     state.precomputed = outs
@@ -872,6 +908,10 @@ def _free_inputs(
         if reason is not None:
             for rep in reports:
                 rep.kept.append((state.name, i, reason))
+            if type(t) is torch.Tensor and not t.is_inference():  # inference tensors have no version
+                if state.live is None:
+                    state.live = [None] * len(data)
+                state.live[i] = (weakref.ref(t), t._version)
             continue
         h = StorageHandle(t, guard)
         for rep in reports:

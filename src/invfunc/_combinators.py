@@ -298,6 +298,8 @@ class Coupling(Invertible):
             outs = [o.detach() for o in outs]
         x1_dst = x2_dst = None
         spare1 = spare2 = None
+        # NOTE [Kept inputs are used as they are]: not recomputed from the outputs
+        live = state.live_inputs() if fast and state.live else [None] * n_data
         if n_data == 1:
             d = self.dim % outs[0].dim()
             h = outs[0].size(d) // 2
@@ -323,7 +325,10 @@ class Coupling(Invertible):
             g_in = y1.contiguous() if n_data == 1 else y1
             g_out, pull_g = section_vjp(state, self.G, "G", g_in, captured, cap_needs)
             del g_in
-            x2 = torch.sub(y2, g_out, out=x2_dst) if x2_dst is not None else y2 - g_out
+            if live[-1] is not None:
+                x2 = live[-1] if n_data == 2 else live[-1].narrow(d, h, h)
+            else:
+                x2 = torch.sub(y2, g_out, out=x2_dst) if x2_dst is not None else y2 - g_out
             if spare2 is not None:
                 handles[1].adopt(spare2)  # type: ignore[union-attr]
                 x2 = x2_dst = handles[1].view()  # type: ignore[union-attr]
@@ -343,7 +348,10 @@ class Coupling(Invertible):
                 x2 = x2_dst = handles[1].view()  # type: ignore[union-attr]
             gz1 = gy1
         f_out, pull_f = section_vjp(state, self.F, "F", x2, captured, cap_needs)
-        x1 = torch.sub(y1, f_out, out=x1_dst) if x1_dst is not None else y1 - f_out
+        if live[0] is not None:
+            x1 = live[0] if n_data == 2 else live[0].narrow(d, 0, h)
+        else:
+            x1 = torch.sub(y1, f_out, out=x1_dst) if x1_dst is not None else y1 - f_out
         if spare1 is not None:
             handles[0].adopt(spare1)  # type: ignore[union-attr]
             x1 = x1_dst = handles[0].view()  # type: ignore[union-attr]

@@ -240,6 +240,13 @@ def _without_running_stats(
     return args, kwargs
 
 
+def _real_tensors() -> contextlib.AbstractContextManager[Any]:
+    """A region where tensor ops run for real even if a FakeTensorMode is active."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
+
+
 class RngState:
     """Generator states of the CPU and of the CUDA devices a block touches."""
 
@@ -251,9 +258,10 @@ class RngState:
 
     def unchanged(self) -> bool:
         """True if no random number was drawn since this state was captured."""
-        if not torch.equal(self.cpu, torch.get_rng_state()):
-            return False
-        return all(torch.equal(s, torch.cuda.get_rng_state(d)) for d, s in self.cuda)
+        with _real_tensors():  # generator states are real tensors, even under FakeTensorMode
+            if not torch.equal(self.cpu, torch.get_rng_state()):
+                return False
+            return all(torch.equal(s, torch.cuda.get_rng_state(d)) for d, s in self.cuda)
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)

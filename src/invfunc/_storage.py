@@ -100,6 +100,8 @@ def free_reason(t: torch.Tensor, *, leaf_ok: bool = False) -> str | None:
     ``leaf_ok``: the caller named this leaf in ``free=``."""
     if type(t) is not torch.Tensor:
         return f"its type is {type(t).__name__}, not a plain torch.Tensor"
+    if t.is_nested:
+        return "it is a NestedTensor"
     if t.grad_fn is None and not leaf_ok:
         return "it is a leaf (user data or a parameter); data leaves are freed only when named in free="
     if _is_wrapped(t):

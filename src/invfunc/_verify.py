@@ -96,6 +96,19 @@ class Fingerprint:
 
     __slots__ = ("dtype", "index", "norm", "samples")
 
+    @staticmethod
+    def supports(t: torch.Tensor) -> bool:
+        """Whether ``t``'s values can be sampled: a plain dense CPU/CUDA tensor. Others
+        (meta, sparse, nested, quantized, fake, subclasses) are never freed, hence never
+        rebuilt, and go unchecked."""
+        return (
+            type(t) is torch.Tensor
+            and t.layout == torch.strided
+            and not t.is_nested
+            and not t.is_quantized
+            and t.device.type in ("cpu", "cuda")
+        )
+
     def __init__(self, t: torch.Tensor) -> None:
         with torch.no_grad():
             flat = t.detach().reshape(-1)
