@@ -778,8 +778,15 @@ def apply_block(
     if label is not None:
         state.name = label  # errors say which block of the call
     rng: dict[str, RngState] = {}
-    devices = cuda_devices([*data, *param_tensors])
     static = block._static_sections()
+    # the CUDA generators to capture: those of the devices the block's tensors are on;
+    # a recorded block (captured tensors unknown yet) adds the current device
+    devices = cuda_devices(
+        [*data, *param_tensors, *(p for ps, _ in static.values() for p in ps)]
+        if static is not None
+        else [*data, *param_tensors],
+        current=static is None,
+    )
     if static is not None:  # NOTE [Static discovery]
         random = any(r for _, r in static.values())
 

@@ -279,8 +279,12 @@ class RngState:
             saved.restore()
 
 
-def cuda_devices(tensors: Sequence[object]) -> list[int]:
+def cuda_devices(tensors: Sequence[object], *, current: bool = False) -> list[int]:
+    """The CUDA devices of ``tensors``, and the current device if ``current`` and CUDA is
+    initialized (random ops on it need not touch any of the tensors)."""
     devices = {t.device.index or 0 for t in tensors if isinstance(t, _Tensor) and t.is_cuda}
+    if current and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        devices.add(torch.cuda.current_device())
     return sorted(devices)
 
 

@@ -154,6 +154,10 @@ class StorageHandle:
         self.tensor: torch.Tensor | None = t if guard else None
 
     def free(self, rebuild: Callable[[], None] | None) -> None:
+        if self.storage.device.type == "cuda":
+            # kernels queued on this stream may still read the memory: the caching
+            # allocator must not hand it out on the stream it was allocated on before then
+            self.view().record_stream(torch.cuda.current_stream(self.storage.device))
         self.storage.resize_(0)
         t = self.tensor
         if t is not None:
