@@ -262,14 +262,11 @@ class Coupling(Invertible):
             torch.add(x1, f, out=y1)
             y2.copy_(x2)
             return y
-        # G reads a contiguous y1, as in the plain call (a strided one is slower in matmuls)
-        y1c = torch.add(x1, f)
+        torch.add(x1, f, out=y1)
         del f
         with section("G"):
-            g = self.G(y1c)
-        check(g, "G", y1c)
-        y1.copy_(y1c)
-        del y1c
+            g = self.G(y1)  # a strided view, as F's x2 and as y1 in the backward's recompute
+        check(g, "G", y1)
         torch.add(x2, g, out=y2)
         return y
 
@@ -322,7 +319,7 @@ class Coupling(Invertible):
                     x2_dst = spare2.view() if spare2 is not None else handles[1].view()
 
         if self.G is not None:
-            g_in = y1.contiguous() if n_data == 1 else y1
+            g_in = y1
             g_out, pull_g = section_vjp(state, self.G, "G", g_in, captured, cap_needs)
             del g_in
             if live[-1] is not None:

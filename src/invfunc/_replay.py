@@ -392,16 +392,19 @@ def static_reads(fn: object) -> tuple[list[_Tensor], bool] | None:
     """
     if not isinstance(fn, _nn.Module):
         return None
+    _MODE_DEPENDENT.pop(fn, None)
     glob = _nn.modules.module
     if glob._global_forward_hooks or glob._global_forward_pre_hooks:
         return None
     params: dict[int, _Tensor] = {}
     slots: list[tuple[_nn.Module, str]] = []
     random = False
-    for m in fn.modules():
+    modal: list[_nn.Module] = []
+    for m in _modules(fn):
         kind = type(m)
         if kind in _RANDOM_MODULES:
             random = random or m.training
+            modal.append(m)
         elif kind not in _PURE_MODULES:
             return None
         if m._forward_hooks or m._forward_pre_hooks:
@@ -411,12 +414,18 @@ def static_reads(fn: object) -> tuple[list[_Tensor], bool] | None:
                 params[id(p)] = p
                 slots.append((m, name))
     _SLOTS[fn] = slots
+    _MODE_DEPENDENT[fn] = modal
     return list(params.values()), random
 
 
 # module -> [(submodule, parameter name)] from its last static_reads, so a replay can
 # re-read the same parameter slots without walking the module tree again.
 _SLOTS: weakref.WeakKeyDictionary[_nn.Module, list[tuple[_nn.Module, str]]] = weakref.WeakKeyDictionary()
+
+
+# module -> its mode-dependent modules, found by the static_reads of the current forward
+# (every forward of a block runs static_reads before asking); absent when not static.
+_MODE_DEPENDENT: weakref.WeakKeyDictionary[_nn.Module, list[_nn.Module]] = weakref.WeakKeyDictionary()
 
 
 def reread(fn: _nn.Module) -> list[_Tensor] | None:
@@ -433,4 +442,22 @@ def mode_dependent(fn: object) -> list[_nn.Module]:
     pure built-ins (a user-defined module may branch on ``self.training``)."""
     if not isinstance(fn, _nn.Module):
         return []
-    return [m for m in fn.modules() if type(m) not in _PURE_MODULES]
+    known = _MODE_DEPENDENT.get(fn)  # from this forward's static_reads, when the tree is static
+    if known is not None:
+        return known
+    return [m for m in _modules(fn) if type(m) not in _PURE_MODULES]
+
+
+def _modules(root: _nn.Module) -> list[_nn.Module]:
+    """``root.modules()`` (each module once, parents first) without building the dotted
+    names that ``named_modules`` makes: this walk is on the forward's hot path."""
+    out = [root]
+    seen = {id(root)}
+    i = 0
+    while i < len(out):
+        for child in out[i]._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                out.append(child)
+        i += 1
+    return out
