@@ -2,21 +2,28 @@
 process per configuration, but no memory figures).
 
     python benchmarks/interleaved.py --batch 8 --hidden 64 --depth 32 --steps 60   # tiny
-    python benchmarks/interleaved.py --batch 512 --hidden 256 --depth 16           # demo size
+    python benchmarks/interleaved.py --batch 2048 --hidden 256 --depth 8 --steps 12 # reference
 
 Prints the median forward, backward and total time per step of plain autograd,
-torch.utils.checkpoint and invfunc (one call over a chain, and one call per block).
+torch.utils.checkpoint (with its default early stop of the recompute, and without it:
+``checkpoint-no-early-stop`` recomputes each block whole, as a reversible coupling must)
+and invfunc (one call over a chain, one call per block, one call with the input kept).
+Run it with ``MALLOC_MMAP_THRESHOLD_=65536`` to match ``benchmarks/run.py``'s allocator.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
 import torch
+import torch.utils.checkpoint
 
 from invfunc._measure import CONFIGS, coupled_model, mlp_pairs
+
+NO_EARLY_STOP = "checkpoint-no-early-stop"
 
 
 def main() -> None:
@@ -32,14 +39,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     pairs = mlp_pairs(args.depth, args.hidden)
-    models = {config: coupled_model(config, pairs) for config in CONFIGS}
+    configs = [*CONFIGS[:2], NO_EARLY_STOP, *CONFIGS[2:]]
+    models = {config: coupled_model(config.removesuffix("-no-early-stop"), pairs) for config in configs}
     data = torch.randn(args.batch, 2 * args.hidden)
     times: dict[str, list[tuple[float, float]]] = {config: [] for config in models}
     for step in range(args.steps + 5):
         for config, model in models.items():
             x = data.clone().requires_grad_()
+            stop = (
+                torch.utils.checkpoint.set_checkpoint_early_stop(False)
+                if config == NO_EARLY_STOP
+                else contextlib.nullcontext()
+            )
             t0 = time.perf_counter()
-            loss = model(x).square().mean()
+            with stop:
+                loss = model(x).square().mean()
             t1 = time.perf_counter()
             loss.backward()
             t2 = time.perf_counter()
@@ -52,7 +66,7 @@ def main() -> None:
         bwd = statistics.median(b for _, b in ts) * 1e3
         total = statistics.median(f + b for f, b in ts)
         print(
-            f"  {config:<18} fwd {fwd:7.2f} ms  bwd {bwd:7.2f} ms  "
+            f"  {config:<24} fwd {fwd:7.2f} ms  bwd {bwd:7.2f} ms  "
             f"total {total * 1e3:7.2f} ms  {total / plain:5.2f}x"
         )
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import pytest
 import torch
 
@@ -169,3 +172,37 @@ def test_multi_step_training_tracks_plain() -> None:
             y.square().mean().backward()
             opt.step()
     assert_all_close(pb, pa, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("container", ["list", "nested list", "dict", "dataclass"])
+def test_tensors_in_containers_passed_as_parameters_get_plain_gradients(container: str) -> None:
+    # catalogue item 8: containers of tensors after the data input reach the function
+    # unchanged; their tensors are found while the forward runs, like captured tensors
+    @dataclasses.dataclass
+    class Scale:
+        w: torch.Tensor
+
+    def unwrap(ws: Any) -> torch.Tensor:
+        if isinstance(ws, dict):
+            return ws["w"]  # type: ignore[no-any-return]
+        if isinstance(ws, Scale):
+            return ws.w
+        while isinstance(ws, list):
+            ws = ws[0]
+        return ws  # type: ignore[no-any-return]
+
+    scale = inv.invertible(lambda x, ws, s: x * unwrap(ws) + s, inverse=lambda y, ws, s: (y - s) / unwrap(ws))
+    torch.manual_seed(0)
+    w = torch.rand(6, dtype=torch.float64, requires_grad=True)
+    wrap = {
+        "list": lambda t: [t],
+        "nested list": lambda t: [[t]],
+        "dict": lambda t: {"w": t},
+        "dataclass": Scale,
+    }
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    got = torch.autograd.grad(
+        inv.invertible_call(scale, x * 1, wrap[container](w), 0.5).square().sum(), [x, w]
+    )
+    want = torch.autograd.grad(scale(x * 1, wrap[container](w), 0.5).square().sum(), [x, w])
+    assert_all_close(got, want, rtol=1e-10, atol=1e-12)

@@ -130,3 +130,20 @@ def test_default_device_context_is_in_force_in_the_backward() -> None:
     y = inv.invertible_call(block, x * 1)
     y.sum().backward()
     assert devices and all(d.type == "cpu" for d in devices)
+
+
+def test_default_device_context_of_the_forward_is_re_entered_in_the_backward() -> None:
+    # F makes a tensor on the default device; the forward runs under a meta device
+    # context, the backward outside it: the recompute must make it on meta again.
+    def F(h: torch.Tensor) -> torch.Tensor:
+        return h * torch.ones(h.shape[-1])
+
+    block = inv.couple(F, lambda h: h * 2.0)
+    grads = {}
+    for mode in ("plain", "invertible"):
+        with torch.device("meta"):
+            x = torch.empty(2, 4, requires_grad=True)
+            y = inv.invertible_call(block, x * 1, mode=mode)
+        (g,) = torch.autograd.grad(y.sum(), [x])
+        grads[mode] = g
+    assert grads["invertible"].device.type == "meta" and grads["invertible"].shape == (2, 4)

@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.overrides import _get_current_function_mode_stack as _function_modes
+from torch.utils._device import DeviceContext as _DeviceContext
 
 __all__ = ["AutocastState", "RngState", "Tracer"]
 
@@ -289,18 +291,26 @@ def cuda_devices(tensors: Sequence[object], *, current: bool = False) -> list[in
 
 
 class AutocastState:
-    """The autocast state of the forward, re-entered for replays in backward."""
+    """The autocast state and default-device context of the forward, re-entered for
+    replays in backward."""
 
-    __slots__ = ("settings",)
+    __slots__ = ("device_ctx", "settings")
 
     def __init__(self) -> None:
         self.settings = [
             (dev, torch.get_autocast_dtype(dev)) for dev in ("cpu", "cuda") if torch.is_autocast_enabled(dev)
         ]
+        # a default-device context (``with torch.device(...)``) of the forward, re-entered
+        # too, so that factory calls inside a block make their tensors where they did
+        self.device_ctx = next(
+            (m for m in reversed(_function_modes()) if isinstance(m, _DeviceContext)),  # type: ignore[no-untyped-call]
+            None,
+        )
 
     def replay(self) -> contextlib.AbstractContextManager[None]:
         if (
             not self.settings
+            and self.device_ctx is None
             and not torch.is_autocast_enabled("cpu")
             and not torch.is_autocast_enabled("cuda")
         ):
@@ -310,6 +320,8 @@ class AutocastState:
     @contextlib.contextmanager
     def _replay(self) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
+            if self.device_ctx is not None:
+                stack.enter_context(self.device_ctx)
             for dev in ("cpu", "cuda"):
                 if torch.is_autocast_enabled(dev):
                     stack.enter_context(torch.autocast(dev, enabled=False))
