@@ -3,10 +3,10 @@
 The same network (``--depth`` couplings ``y1 = x1 + F(x2); y2 = x2 + G(y1)`` with F and
 G ``Linear -> ReLU -> Linear``), the same weights and data, trained for ``--steps`` SGD
 steps under plain autograd, ``torch.utils.checkpoint`` (one per block) and invfunc (one
-``invertible_call`` over a ``chain``, the input batch freed as well with ``free=``). Each runs in its own child process, measured as
-described in :mod:`invfunc._measure`; the table shows the peak memory of a training
-step, the time per step, the final loss and how far the first step's gradients are
-from plain autograd's.
+``invertible_call`` over a ``chain``, the input batch freed as well with ``free=``).
+Each runs in its own child process, measured as described in :mod:`invfunc._measure`;
+the table shows the peak memory of a training step, the time per step, the final loss
+and how far the first step's gradients are from plain autograd's.
 """
 
 from __future__ import annotations

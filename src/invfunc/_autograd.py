@@ -846,8 +846,12 @@ def apply_block(
         and not any(p.requires_grad for p in param_tensors)
     ):
         return outs, single, None  # nothing requires grad: a plain call
+    if static is None:
+        for name, gens in tracer.generators.items():
+            if gens and name in rng:
+                rng[name].user = list(gens.values())
     first = rng.get(block._sections[0])
-    state.rng = None if first is None or first.unchanged() else rng
+    state.rng = None if first is None or all(r.unchanged() for r in rng.values()) else rng
     state.n_out = len(outs)
     state.n_data = n_data
     state.param_template = [None if isinstance(p, torch.Tensor) else p for p in params]

@@ -76,22 +76,29 @@ class Tracer(TorchFunctionMode):
         self.expected: list[tuple[_Tensor, _Tensor]] = []
         self.claimed: set[int] = set()
         self.known: set[int] = set()
+        # per section: user generators (``generator=`` of random ops) and their state at
+        # first use, replayed with the section (the default generators are in RngState)
+        self.generators: dict[str, dict[int, tuple[torch.Generator, _Tensor]]] = {}
+        self._generators: dict[int, tuple[torch.Generator, _Tensor]] = {}
 
     # -- recording ----------------------------------------------------------------
     @contextlib.contextmanager
     def section(self, name: str) -> Iterator[None]:
         """Record the external tensors of a part of the block under ``name``."""
-        previous = self._section
+        previous, previous_gens = self._section, self._generators
         self._section = self.sections.setdefault(name, {})
+        self._generators = self.generators.setdefault(name, {})
         try:
             yield
         finally:
-            self._section = previous
+            self._section, self._generators = previous, previous_gens
 
     def start_recording(self, inputs: Sequence[object]) -> None:
         self.recording = True
         self.sections = {}
         self._section = self.sections.setdefault("", {})
+        self.generators = {}
+        self._generators = self.generators.setdefault("", {})
         # inputs count as produced: they are not captured, and in-place ops on them are
         # not external state updates
         self.produced = {id(t) for t in inputs if isinstance(t, _Tensor)}
@@ -149,6 +156,9 @@ class Tracer(TorchFunctionMode):
         for a in kwargs.values():
             if isinstance(a, _Tensor) and a.requires_grad and id(a) not in produced:
                 section.setdefault(id(a), a)
+        gen = kwargs.get("generator")
+        if isinstance(gen, torch.Generator) and id(gen) not in self._generators:
+            self._generators[id(gen)] = (gen, gen.get_state())
         if func in _NORM_FUNCS:
             self.norms = True
         if args and _is_inplace(func):
@@ -252,14 +262,18 @@ def _real_tensors() -> contextlib.AbstractContextManager[Any]:
 class RngState:
     """Generator states of the CPU and of the CUDA devices a block touches."""
 
-    __slots__ = ("cpu", "cuda")
+    __slots__ = ("cpu", "cuda", "user")
 
     def __init__(self, cuda_devices: Sequence[int]) -> None:
         self.cpu = torch.get_rng_state()
         self.cuda = [(d, torch.cuda.get_rng_state(d)) for d in cuda_devices]
+        # user generators the region drew from, with their states before (Tracer.generators)
+        self.user: list[tuple[torch.Generator, _Tensor]] = []
 
     def unchanged(self) -> bool:
         """True if no random number was drawn since this state was captured."""
+        if self.user:
+            return False
         with _real_tensors():  # generator states are real tensors, even under FakeTensorMode
             if not torch.equal(self.cpu, torch.get_rng_state()):
                 return False
@@ -269,11 +283,14 @@ class RngState:
         torch.set_rng_state(self.cpu)
         for d, s in self.cuda:
             torch.cuda.set_rng_state(s, d)
+        for g, s in self.user:
+            g.set_state(s)
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
         """Run a region from this state and leave the caller's generators untouched."""
         saved = RngState([d for d, _ in self.cuda])
+        saved.user = [(g, g.get_state()) for g, _ in self.user]
         self.restore()
         try:
             yield
