@@ -158,3 +158,44 @@ def test_memory_returns_to_baseline_over_three_steps(spelling: str, ending: str)
     # the check can fail: a step that keeps its output alive leaves bytes behind
     leaky = _allocated_at_marks(lambda: step(leak=True), 2)
     assert leaky[0] < leaky[1] < leaky[2], leaky
+
+
+def _peak_of_step(mode: str, depth: int) -> int:
+    """Most bytes the CPU allocator held during one training step, over what it held
+    before (the profiler's running total at each allocation)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    net, _ = revnet(depth, 16)
+    x = torch.randn(32, 32, dtype=torch.float64, requires_grad=True)
+
+    def step() -> None:
+        y = inv.invertible_call(net, torch.tanh(x * 2), mode=mode)
+        y.square().sum().backward()
+
+    step()  # warm-up: gradients allocated
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.empty(_MARK, dtype=torch.uint8)
+        step()
+    totals: list[tuple[int, int, int]] = []
+
+    def walk(node: Any) -> None:
+        fields = node.extra_fields
+        if type(fields).__name__ == "_ExtraFields_Allocation":
+            totals.append((node.start_time_ns, fields.alloc_size, fields.total_allocated))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    totals.sort()
+    base = next(total - size for _, size, total in totals if size == _MARK)
+    return max(total for _, _, total in totals) - base
+
+
+def test_peak_of_a_step_orders_plain_checkpoint_invertible_and_stays_flat() -> None:
+    # catalogue item 60: plain > checkpoint > invertible at depth 16, and the invertible
+    # peak does not grow from depth 8 to 16 (one block's recompute and the boundaries)
+    peaks = {(m, d): _peak_of_step(m, d) for m in ("plain", "checkpoint", "invertible") for d in (8, 16)}
+    assert peaks["plain", 16] > peaks["checkpoint", 16] > peaks["invertible", 16], peaks
+    assert peaks["invertible", 16] == peaks["invertible", 8], peaks
+    assert peaks["checkpoint", 16] > peaks["checkpoint", 8], peaks
