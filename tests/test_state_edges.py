@@ -94,20 +94,11 @@ def _stateful(kind: str) -> nn.Module:
     return _CountingF()
 
 
-_SPECTRAL_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="engine bug (item 51): spectral_norm's power iteration writes _u/_v through out= "
-    "(F.normalize(..., out=self._u)), which the Tracer does not see as an in-place update; "
-    "the inverse and the recompute run the power iteration again, so _u/_v end 3 iterations "
-    "on instead of 1 and the recompute differentiates another sigma (wrong gradients)",
-)
-
-
 @pytest.mark.parametrize("spelling", ["one call", "call per block"])
 @pytest.mark.parametrize(
     "kind",
     [
-        pytest.param("spectral_norm", marks=_SPECTRAL_BUG),
+        "spectral_norm",
         "batchnorm_cumulative",
         "buffer_counter",
     ],
@@ -255,14 +246,6 @@ def test_threads_drawing_from_their_own_generators_train_concurrently() -> None:
         assert_all_close(got[key], value, **F64)
 
 
-@pytest.mark.xfail(
-    strict=False,  # a race: it needs the threads to overlap, which one CPU core may not do
-    reason="engine bug (item 47): the RNG replay sets the process-wide generator "
-    "(RngState.replay: save, set the forward's state, run, restore) with no lock, so two "
-    "threads' backwards replaying dropout at once draw each other's streams: verify='raise' "
-    "flags the rebuilt inputs (or gradients differ). Plain autograd draws nothing in backward. "
-    "Fails 50 of 50 runs on 16 cores; test_overlapping_replays_... is the deterministic form.",
-)
 def test_concurrent_backwards_with_dropout_match_plain() -> None:
     """Forwards under a lock (known draws), all done; then backwards concurrently without
     a lock: nothing but invfunc's replays touches the generator. Repeated three times."""
@@ -313,12 +296,6 @@ class _Gate(nn.Module):
         return h
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug (item 47), deterministic form: thread B's replay sets the global "
-    "generator to B's state while thread A is between restoring its own state and drawing "
-    "its dropout mask, so A's inverse and recompute use B's draws (wrong gradients)",
-)
 def test_overlapping_replays_in_two_threads_keep_their_own_draws() -> None:
     torch.manual_seed(0)
     gates = [(_Gate(), _Gate()) for _ in range(2)]  # (before dropout, after dropout) per thread
@@ -355,11 +332,6 @@ def test_overlapping_replays_in_two_threads_keep_their_own_draws() -> None:
         assert_all_close(got[k], want[k], **F64)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug (item 47): explain() appends to a process-wide list, so a report opened "
-    "in one thread collects the calls of every thread (mode and verify are thread-local)",
-)
 def test_explain_reports_only_its_own_threads_calls() -> None:
     block = inv.couple(nn.Linear(2, 2), nn.Linear(2, 2))
     opened, called = threading.Event(), threading.Event()

@@ -116,6 +116,7 @@ class BlockState:
         "policy",
         "precomputed",
         "prints",
+        "reports",
         "rng",
         "sections",
         "seen",
@@ -152,6 +153,7 @@ class BlockState:
         self.ctx_ref: Callable[[], Any] | None = None
         self.next_ref: Callable[[], BlockState | None] | None = None
         self.prints = None
+        self.reports: tuple[_Explain, ...] = tuple(_reports())  # explain() regions of the forward
         # inputs that were not freed: a weak reference and the version seen in the forward
         self.live: list[tuple[weakref.ref[torch.Tensor], int] | None] | None = None
 
@@ -238,7 +240,7 @@ class BlockState:
 
     def merge_params(self, explicit: Sequence[torch.Tensor]) -> list[Any]:
         it = iter(explicit)
-        return [next(it) if p is None else p for p in self.param_template]
+        return [next(it) if p is _TENSOR_SLOT else p for p in self.param_template]
 
     def check_rebuilt(self, rebuilt: Any) -> tuple[torch.Tensor, ...]:
         got = (rebuilt,) if isinstance(rebuilt, torch.Tensor) else rebuilt
@@ -265,7 +267,8 @@ class BlockState:
         """Compare rebuilt inputs with the forward's fingerprints (NOTE [Fingerprints])."""
         if self.prints is not None:
             policy, rtol = self.policy
-            _verify.check(self.name, self.prints, rebuilt, policy, rtol, _EXPLAIN)  # type: ignore[arg-type]
+            reports = [r for r in self.reports if r.open]
+            _verify.check(self.name, self.prints, rebuilt, policy, rtol, reports)  # type: ignore[arg-type]
 
     def release_output(self) -> None:
         """This block's backward no longer needs its output: free it again if the next block
@@ -656,14 +659,29 @@ def _generic_vjp(
 # -- applying a block -----------------------------------------------------------------
 
 
+_TENSOR_SLOT = object()  # marks where a tensor parameter goes in BlockState.param_template
+
+
 class _Explain:
     def __init__(self) -> None:
         self.kept: list[tuple[str, int, str]] = []
         self.freed: list[tuple[str, int, int]] = []
         self.drift: list[tuple[str, int, float]] = []
+        self.open = True
 
 
-_EXPLAIN: list[_Explain] = []
+class _OpenReports(threading.local):
+    def __init__(self) -> None:
+        self.reports: list[_Explain] = []
+
+
+_LOCAL_REPORTS = _OpenReports()
+
+
+def _reports() -> list[_Explain]:
+    """The explain() regions open in this thread (calls report where they run; a
+    backward reports drift to the regions its forward ran in, while they are open)."""
+    return _LOCAL_REPORTS.reports
 
 
 @contextmanager
@@ -671,9 +689,11 @@ def explain() -> Iterator[_Explain]:
     """Collect, for every invertible call in the region, which inputs were freed or kept and why.
 
     Yields an object with three lists: ``freed`` of ``(call, input index, bytes)``,
-    ``kept`` of ``(call, input index, reason)`` and, for calls made under
-    :func:`invfunc.verify` whose backward runs inside the region, ``drift`` of
-    ``(call, input index, relative error of the rebuilt input)``.
+    ``kept`` of ``(call, input index, reason)`` and, for calls made in the region under
+    :func:`invfunc.verify` whose backward runs before it closes, ``drift`` of
+    ``(call, input index, relative error of the rebuilt input)``. The region covers the
+    calls of the thread that opened it (as :func:`invfunc.mode` and
+    :func:`invfunc.verify` do), wherever their backward runs.
 
     Examples:
         >>> import torch, invfunc as inv
@@ -689,11 +709,12 @@ def explain() -> Iterator[_Explain]:
         [('couple(Linear, Linear)', 0, 48)]
     """
     rep = _Explain()
-    _EXPLAIN.append(rep)
+    _reports().append(rep)
     try:
         yield rep
     finally:
-        _EXPLAIN.remove(rep)
+        rep.open = False
+        _reports().remove(rep)
 
 
 def _materialize(state: BlockState | None) -> None:
@@ -854,7 +875,7 @@ def apply_block(
     state.rng = None if first is None or all(r.unchanged() for r in rng.values()) else rng
     state.n_out = len(outs)
     state.n_data = n_data
-    state.param_template = [None if isinstance(p, torch.Tensor) else p for p in params]
+    state.param_template = [_TENSOR_SLOT if isinstance(p, torch.Tensor) else p for p in params]
     state.n_explicit = len(param_tensors)
     state.captured = captured
     state.sections = sections
@@ -908,7 +929,7 @@ def _free_inputs(
     handles: list[StorageHandle | None] = [None] * len(data)
     by_id: dict[int, StorageHandle] = {}
     rebuild_cb = _rebuild_on_access(weakref.ref(state)) if guard else None
-    reports = _EXPLAIN
+    reports = _reports()
     for i, t in enumerate(data):
         if id(t) in by_id:
             handles[i] = by_id[id(t)]

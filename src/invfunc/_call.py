@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ._autograd import _EXPLAIN, apply_block, free_call_inputs, replaying
+from ._autograd import _reports, apply_block, free_call_inputs, replaying
 from ._combinators import _Halves, pairs_inside
 from ._core import Invertible, _name
 from ._modes import check_mode, current_mode
@@ -126,7 +126,7 @@ def _call(
         # recompute, as inside torch.utils.checkpoint) is not the storage invfunc would
         # refill; freeing under them could hand autograd freed memory. Keep inputs instead.
         run_mode = "checkpoint"
-        for rep in _EXPLAIN:
+        for rep in _reports():
             rep.kept.append(
                 (fn._name, -1, "saved-tensor hooks are active (e.g. inside torch.utils.checkpoint)")
             )

@@ -244,7 +244,8 @@ class Coupling(Invertible):
                 g = self.G(y1)
             return y1, x2 + check(g, "G", y1)
         x = args[0]
-        if _is_wrapped(x):  # under torch.func: no out= writes
+        if _is_wrapped(x) or torch.autograd.forward_ad._current_level >= 0:  # torch.func, dual tensors:
+            # no out= writes (they take neither wrapped nor dual tensors)
             x1, x2, d = self._split(x, "the input")
             with section("F"):
                 y1 = x1 + check(self.F(x2), "F", x2)

@@ -31,6 +31,7 @@ RReLU) is in training mode. BatchNorm and any user-defined module are recorded.
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -161,11 +162,10 @@ class Tracer(TorchFunctionMode):
             self._generators[id(gen)] = (gen, gen.get_state())
         if func in _NORM_FUNCS:
             self.norms = True
-        if args and _is_inplace(func):
-            target = args[0]
-            if isinstance(target, _Tensor) and id(target) not in self.produced:
-                self.updates.add(id(target))
-                self._update_refs.append(target)
+        target = args[0] if args and _is_inplace(func) else kwargs.get("out")  # in place, or out=
+        if isinstance(target, _Tensor) and id(target) not in self.produced:
+            self.updates.add(id(target))
+            self._update_refs.append(target)
         out = func(*args, **kwargs)
         self._mark_produced(out)
         return out
@@ -179,8 +179,10 @@ class Tracer(TorchFunctionMode):
 
     def _replay(self, func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         subst = self.subst
-        if args and self.updates and _is_inplace(func) and id(args[0]) in self.updates:
-            return args[0]  # an external state update already applied in the forward
+        if self.updates:
+            target = args[0] if args and _is_inplace(func) else kwargs.get("out")
+            if target is not None and id(target) in self.updates:
+                return target  # an external state update (in place or out=) already applied in the forward
         if self.check is not None:
             self._resolve(args, kwargs)
         if subst:
@@ -259,6 +261,9 @@ def _real_tensors() -> contextlib.AbstractContextManager[Any]:
     return unset_fake_temporarily()
 
 
+_RNG_LOCK = threading.RLock()
+
+
 class RngState:
     """Generator states of the CPU and of the CUDA devices a block touches."""
 
@@ -288,14 +293,18 @@ class RngState:
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
-        """Run a region from this state and leave the caller's generators untouched."""
-        saved = RngState([d for d, _ in self.cuda])
-        saved.user = [(g, g.get_state()) for g, _ in self.user]
-        self.restore()
-        try:
-            yield
-        finally:
-            saved.restore()
+        """Run a region from this state and leave the caller's generators untouched.
+
+        Replays hold a process-wide lock: two threads replaying at once would otherwise
+        draw each other's numbers from the shared default generator."""
+        with _RNG_LOCK:
+            saved = RngState([d for d, _ in self.cuda])
+            saved.user = [(g, g.get_state()) for g, _ in self.user]
+            self.restore()
+            try:
+                yield
+            finally:
+                saved.restore()
 
 
 def cuda_devices(tensors: Sequence[object], *, current: bool = False) -> list[int]:

@@ -102,10 +102,10 @@ def free_reason(t: torch.Tensor, *, leaf_ok: bool = False) -> str | None:
         return f"its type is {type(t).__name__}, not a plain torch.Tensor"
     if t.is_nested:
         return "it is a NestedTensor"
-    if t.grad_fn is None and not leaf_ok:
-        return "it is a leaf (user data or a parameter); data leaves are freed only when named in free="
     if _is_wrapped(t):
         return "it is wrapped by a torch.func transform"
+    if t.grad_fn is None and not leaf_ok:
+        return "it is a leaf (user data or a parameter); data leaves are freed only when named in free="
     if t.layout != torch.strided or t.device.type not in ("cpu", "cuda"):
         return f"its layout/device ({t.layout}, {t.device.type}) is not a strided CPU/CUDA tensor"
     if t.is_inference():
