@@ -421,3 +421,28 @@ def test_thread_count_changed_between_forward_and_backward(
         torch.set_num_threads(threads)
     assert torch.get_num_threads() == threads
     assert _max_rel(got, want) <= 1e-5  # measured 3.8e-7: float32 reconstruction error
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d).removeprefix("torch.")
+)
+def test_half_precision_stream_keeps_its_inputs_unless_drift_is_verified(dtype: torch.dtype) -> None:
+    """Catalogue item 33: a float16/bfloat16 stream is not rebuilt by default (it would
+    drift); the call keeps its inputs, says so, and its gradients are plain autograd's in
+    that dtype exactly. With verify on it is freed and checked (the test above)."""
+    torch.manual_seed(0)
+    net = inv.chain(
+        *[inv.couple(torch.nn.Linear(4, 4).to(dtype), torch.nn.Linear(4, 4).to(dtype)) for _ in range(3)]
+    )
+    params = [p for b in net.blocks for m in (b.F, b.G) for p in m.parameters()]
+    x = torch.randn(8, 8).to(dtype).requires_grad_()
+    h = x * 1
+    with inv.explain() as report, pytest.warns(inv.InvertibilityWarning, match=r"inputs are torch\.\w+16"):
+        y = inv.invertible_call(net, h)
+    assert report.freed == [] and "drift" in report.kept[0][2]
+    got = torch.autograd.grad(y.float().square().sum(), [x, *params])
+    want = torch.autograd.grad(net(x * 1).float().square().sum(), [x, *params])
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with inv.explain() as report:
+        inv.invertible_call(net, x * 1, verify="warn")
+    assert report.freed  # verified: freed
