@@ -40,3 +40,26 @@ def test_compiled_model_matches_eager_with_one_graph_break() -> None:
     explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 1  # at invertible_call, which runs eagerly
     torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_fullgraph_fails_loudly_and_shape_changes_keep_eager_gradients() -> None:
+    # catalogue item 46: the call is a graph break, so fullgraph=True must fail loudly
+    # (not compile a graph that skips the frees); with automatic dynamic shapes, batches
+    # 4, 6, 4 in a row each give the eager gradients (no recompute from another graph)
+    torch.manual_seed(0)
+    model = Model()
+    params = list(model.parameters())
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"(?i)disable"):
+        torch.compile(model, fullgraph=True)(torch.randn(4, 16))
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    for batch in (4, 6, 4):
+        x = torch.randn(batch, 16)
+        with inv.explain() as rep:
+            loss = compiled(x)
+        got = [loss, *torch.autograd.grad(loss, params)]
+        want = [model(x), *torch.autograd.grad(model(x), params)]
+        assert_all_close(got, want, rtol=1e-5, atol=1e-6)
+        assert len(rep.freed) == 4 * 2

@@ -14,7 +14,7 @@ from _util import assert_all_close, grads_of, mlp, revnet
 F64 = {"rtol": 1e-10, "atol": 1e-12}
 
 
-@pytest.mark.parametrize("depth", [1, 2, 8])
+@pytest.mark.parametrize("depth", [1, 2, 8, 64])
 @pytest.mark.parametrize("use_grad", [False, True], ids=["backward", "autograd.grad"])
 @pytest.mark.parametrize("spelling", ["one call", "call per block", "checkpoint"])
 def test_chain_of_couplings_matches_plain(depth: int, use_grad: bool, spelling: str) -> None:
