@@ -1,6 +1,7 @@
 """Run by tests/test_ddp.py in a subprocess: DDP (gloo, 2 ranks, 127.0.0.1) vs one process.
 
-Prints one line per configuration, ``OK <name> <max abs grad diff>`` or ``FAIL ...``.
+Prints one line per configuration, tab-separated: ``OK <name> <max abs grad diff>``,
+``FAIL ...``, or ``ERROR <name> <exception type>: <message>`` when the configuration raised.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import invfunc as inv
 
-H, B, STEPS = 4, 6, 5
+H, B, STEPS, MICRO = 4, 6, 5, 3
+
+# Kinds whose model has an unused parameter (DDP's defaults refuse those) ...
+KINDS = ["one call", "same block twice", "dynamic"]
+# ... and kinds where every parameter gets a gradient every step, run under DDP's defaults too.
+# "no_sync": MICRO micro-batches a step, all but the last under ``DDP.no_sync()``.
+ALL_USED = ["all used", "two calls", "shared weights", "no_sync"]
 
 
 class Model(torch.nn.Module):
@@ -29,23 +36,38 @@ class Model(torch.nn.Module):
         self.G = torch.nn.ModuleList(
             torch.nn.Sequential(torch.nn.Linear(H, H), torch.nn.Tanh()).double() for _ in range(3)
         )
-        self.unused = torch.nn.Linear(H, H).double()
+        if kind == "shared weights":
+            self.G[1] = self.F[0]  # one Linear: F of block 0 and G of block 1
+        if kind in KINDS:
+            self.unused = torch.nn.Linear(H, H).double()
         self.blocks = [inv.couple(f, g) for f, g in zip(self.F, self.G)]
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
         h = x * 1
-        if self.kind == "one call":
+        if self.kind in ("one call", "all used", "shared weights", "no_sync"):
             h = inv.invertible_call(inv.chain(*self.blocks), h)
         elif self.kind == "same block twice":
             h = inv.invertible_call(inv.chain(self.blocks[0], self.blocks[0], self.blocks[1]), h)
+        elif self.kind == "two calls":  # block 0's parameters reach two autograd nodes
+            h = inv.invertible_call(self.blocks[0], h)
+            h = inv.invertible_call(self.blocks[0], h)
+            h = inv.invertible_call(inv.chain(self.blocks[1], self.blocks[2]), h)
         elif self.kind == "dynamic":
             h = inv.invertible_call(self.blocks[step % 3], h)  # a different block each step
         return h.square().mean()
 
 
-def data(rank: int, step: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1000 * step + rank)
+def data(rank: int, step: int, micro: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * step + 100 * micro + rank)
     return torch.randn(B, 2 * H, generator=g, dtype=torch.float64)
+
+
+def micro_batches(kind: str) -> int:
+    return MICRO if kind == "no_sync" else 1
+
+
+def grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
 
 
 def reference(kind: str) -> list[list[torch.Tensor]]:
@@ -61,10 +83,9 @@ def _reference(kind: str) -> list[list[torch.Tensor]]:
     for step in range(STEPS):
         opt.zero_grad()
         for rank in range(2):
-            (model(data(rank, step), step) / 2).backward()
-        history.append(
-            [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
-        )
+            for micro in range(micro_batches(kind)):
+                (model(data(rank, step, micro), step) / 2).backward()
+        history.append(grads(model))
         opt.step()
     return history
 
@@ -73,34 +94,50 @@ CONFIGS = [
     dict(zip(("gradient_as_bucket_view", "static_graph", "find_unused_parameters"), flags))
     for flags in itertools.product([False, True], repeat=3)
 ]
-KINDS = ["one call", "same block twice", "dynamic"]
+
+
+def runs() -> list[tuple[str, dict[str, bool]]]:
+    out = []
+    for kind in KINDS + ALL_USED:
+        for cfg in CONFIGS:
+            if kind in KINDS and not cfg["find_unused_parameters"] and not cfg["static_graph"]:
+                continue  # the model has an unused parameter: DDP itself requires one of these
+            if kind == "dynamic" and cfg["static_graph"]:
+                continue  # a graph that changes between steps is not static, by definition
+            if kind == "no_sync" and cfg["static_graph"]:
+                continue  # DDP itself, under plain autograd too, fails an internal assert
+                # (reducer.cpp "expect_autograd_hooks_") for no_sync() with static_graph=True
+            out.append((kind, cfg))
+    return out
+
+
+def train(rank: int, kind: str, cfg: dict[str, bool]) -> list[list[torch.Tensor]]:
+    model = DDP(Model(kind), **cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    history = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        n = micro_batches(kind)
+        for micro in range(n - 1):  # accumulate locally, no all-reduce
+            with model.no_sync():
+                model(data(rank, step, micro), step).backward()
+        model(data(rank, step, n - 1), step).backward()  # this backward all-reduces the sum
+        history.append(grads(model))
+        opt.step()
+    return history
 
 
 def worker(rank: int, port: int, out: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
-    results = {}
-    for kind in KINDS:
-        for cfg in CONFIGS:
-            if not cfg["find_unused_parameters"] and not cfg["static_graph"]:
-                continue  # the model has an unused parameter: DDP itself requires one of these
-            if kind == "dynamic" and cfg["static_graph"]:
-                continue  # a graph that changes between steps is not static, by definition
-            model = DDP(Model(kind), **cfg)
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            history = []
-            for step in range(STEPS):
-                opt.zero_grad()
-                model(data(rank, step), step).backward()
-                history.append(
-                    [
-                        p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-                        for p in model.parameters()
-                    ]
-                )
-                opt.step()
-            results[(kind, tuple(sorted(cfg.items())))] = history
+    results: dict[tuple[str, tuple[tuple[str, bool], ...]], object] = {}
+    for kind, cfg in runs():
+        key = (kind, tuple(sorted(cfg.items())))
+        try:
+            results[key] = train(rank, kind, cfg)
+        except Exception as e:  # both ranks raise alike (same model, same flags)
+            results[key] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
     if rank == 0:
         torch.save(results, out)
     dist.barrier()
@@ -109,15 +146,20 @@ def worker(rank: int, port: int, out: str) -> None:
 
 def main() -> None:
     port, out = int(sys.argv[1]), sys.argv[2]
+    if os.path.isdir("/sys/class/net/lo"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's own sockets on loopback too
     mp.spawn(worker, args=(port, out), nprocs=2, join=True)
     results = torch.load(out)
-    refs = {kind: reference(kind) for kind in KINDS}
+    refs = {kind: reference(kind) for kind in KINDS + ALL_USED}
     for (kind, cfg), history in results.items():
+        name = f"{kind}:" + ",".join(k for k, v in cfg if v)
+        if isinstance(history, str):
+            print("ERROR", name, history, sep="\t", flush=True)
+            continue
         diff = max(
             (a - b).abs().max().item() for got, want in zip(history, refs[kind]) for a, b in zip(got, want)
         )
-        name = f"{kind}:" + ",".join(k for k, v in cfg if v)
-        print(("OK" if diff < 1e-10 else "FAIL"), name, f"{diff:.1e}", flush=True)
+        print(("OK" if diff < 1e-10 else "FAIL"), name, f"{diff:.1e}", sep="\t", flush=True)
 
 
 if __name__ == "__main__":
