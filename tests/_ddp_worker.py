@@ -127,10 +127,11 @@ def train(rank: int, kind: str, cfg: dict[str, bool]) -> list[list[torch.Tensor]
     return history
 
 
-def worker(rank: int, port: int, out: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+def worker(rank: int, store: str, out: str) -> None:
+    # rendezvous through a file: no port to pick, none another process can take meanwhile
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
     results: dict[tuple[str, tuple[tuple[str, bool], ...]], object] = {}
     for kind, cfg in runs():
         key = (kind, tuple(sorted(cfg.items())))
@@ -145,10 +146,10 @@ def worker(rank: int, port: int, out: str) -> None:
 
 
 def main() -> None:
-    port, out = int(sys.argv[1]), sys.argv[2]
+    store, out = sys.argv[1], sys.argv[2]
     if os.path.isdir("/sys/class/net/lo"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's own sockets on loopback too
-    mp.spawn(worker, args=(port, out), nprocs=2, join=True)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's sockets on 127.0.0.1
+    mp.spawn(worker, args=(store, out), nprocs=2, join=True)
     results = torch.load(out)
     refs = {kind: reference(kind) for kind in KINDS + ALL_USED}
     for (kind, cfg), history in results.items():

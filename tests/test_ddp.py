@@ -8,9 +8,9 @@ by more than 1e-10) or ``ERROR`` (the configuration raised).
 from __future__ import annotations
 
 import itertools
-import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,22 +19,12 @@ HERE = Path(__file__).resolve().parent
 FLAGS = ("find_unused_parameters", "gradient_as_bucket_view", "static_graph")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ddp_lines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """``{"<kind>:<flags set, comma-separated>": "OK ..." | "FAIL ..." | "ERROR ..."}``."""
+    tmp = tmp_path_factory.mktemp("ddp")
     out = subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "_ddp_worker.py"),
-            str(_free_port()),
-            str(tmp_path_factory.mktemp("ddp") / "g.pt"),
-        ],
+        [sys.executable, str(HERE / "_ddp_worker.py"), str(tmp / "store"), str(tmp / "grads.pt")],
         capture_output=True,
         text=True,
         timeout=300,
@@ -46,10 +36,10 @@ def ddp_lines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {name: " ".join((status, name, detail)) for status, name, detail in lines}
 
 
-def _names(kind: str, allowed: object = lambda flags: True) -> set[str]:
+def _names(kind: str, allowed: Callable[[set[str]], bool] = lambda flags: True) -> set[str]:
     """The configuration names of ``kind`` for every flag set ``allowed`` accepts."""
     sets = [set(c) for n in range(len(FLAGS) + 1) for c in itertools.combinations(FLAGS, n)]
-    return {f"{kind}:" + ",".join(sorted(s)) for s in sets if allowed(s)}  # type: ignore[operator]
+    return {f"{kind}:" + ",".join(sorted(s)) for s in sets if allowed(s)}
 
 
 def _check(lines: dict[str, str], names: set[str]) -> None:
@@ -61,8 +51,10 @@ def _check(lines: dict[str, str], names: set[str]) -> None:
 
 @pytest.mark.slow
 def test_ddp_matches_single_process_over_the_option_matrix(ddp_lines: dict[str, str]) -> None:
-    # the model has an unused parameter: DDP requires find_unused_parameters or static_graph
-    needs_flag = lambda s: bool(s & {"find_unused_parameters", "static_graph"})  # noqa: E731
+    def needs_flag(flags: set[str]) -> bool:
+        # the model has an unused parameter: DDP requires find_unused_parameters or static_graph
+        return bool(flags & {"find_unused_parameters", "static_graph"})
+
     names = _names("one call", needs_flag) | _names("same block twice", needs_flag)
     names |= _names("dynamic", lambda s: needs_flag(s) and "static_graph" not in s)
     assert len(names) == 6 + 6 + 2
