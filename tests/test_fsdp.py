@@ -96,16 +96,6 @@ def test_fsdp2_F_and_G_sharded_under_plain_autograd(cases: dict[str, list[dict[s
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="engine bug: F and G themselves fully_shard-ed. FSDP2's hooks on F and G run in invfunc's "
-    "no_grad forward (no backward hooks registered) and in the backward replay, whose post-backward "
-    "reduce-scatter runs inside invfunc's vjp, before the gradient reaches the gathered parameter: "
-    "the sharded .grad stays None (stale gathered grads are reduced a step late), or the replay meets "
-    "F/G already resharded and fails with 'aten.addmm.default got mixed torch.Tensor and DTensor'. "
-    "Neither right gradients nor a clear invfunc error.",
-)
 @pytest.mark.parametrize("name", ["fsdp2 F and G and model", "fsdp2 F and G only"])
 def test_fsdp2_F_and_G_sharded(cases: dict[str, list[dict[str, Any]]], name: str) -> None:
     _check(cases, name)
@@ -119,7 +109,7 @@ def test_fsdp2_F_and_G_sharded(cases: dict[str, list[dict[str, Any]]], name: str
     "name", ["fsdp1 model, use_orig_params [plain]", "fsdp1 model, flat parameters [plain]"]
 )
 def test_fsdp1_under_plain_autograd(cases: dict[str, list[dict[str, Any]]], name: str) -> None:
-    # the controls for the expected failures below
+    # the controls for the tests below (these failed under invfunc before the fixes)
     _check(cases, name)
 
 
@@ -129,25 +119,11 @@ def test_fsdp1_F_and_G_wrapped_with_orig_params(cases: dict[str, list[dict[str, 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="engine bug: FSDP1 (use_orig_params=True) swaps F's gathered weight in as a plain tensor "
-    "attribute for backward; invfunc's replay rereads the slot module._parameters['weight'] that "
-    "static discovery found in forward and raises KeyError: 'weight'",
-)
 def test_fsdp1_model_wrapped_with_orig_params(cases: dict[str, list[dict[str, Any]]]) -> None:
     _check(cases, "fsdp1 model, use_orig_params")
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="engine bug (silent): FSDP1 with flat parameters sets F's and G's weights as plain tensor "
-    "attributes during forward; static discovery reads only module._parameters, so the call sees no "
-    "parameter of F or G and they get no gradient (only the embedding trains)",
-)
 def test_fsdp1_model_wrapped_with_flat_parameters(cases: dict[str, list[dict[str, Any]]]) -> None:
     _check(cases, "fsdp1 model, flat parameters")
 

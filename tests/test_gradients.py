@@ -207,3 +207,30 @@ def test_tensors_in_containers_passed_as_parameters_get_plain_gradients(containe
     )
     want = torch.autograd.grad(scale(x * 1, wrap[container](w), 0.5).square().sum(), [x, w])
     assert_all_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_weight_set_as_a_plain_attribute_of_a_built_in_module_gets_its_gradient() -> None:
+    # as FSDP1's flat parameters do: Linear.weight is a plain tensor attribute, not a
+    # Parameter; static discovery must not miss it (it was a silent missing gradient)
+    torch.manual_seed(0)
+    F, G = torch.nn.Linear(4, 4).double(), torch.nn.Linear(4, 4).double()
+    w = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    del F.weight
+    F.weight = w * 1  # type: ignore[assignment]
+    block = inv.couple(F, G)
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    loss = inv.invertible_call(block, x * 1).square().sum()
+    got = torch.autograd.grad(loss, [x, w, G.weight], retain_graph=True)  # w * 1 serves both runs
+    want = torch.autograd.grad(block(x * 1).square().sum(), [x, w, G.weight])
+    assert_all_close(got, want, **F64)
+
+
+def test_parameter_replaced_between_forward_and_backward_is_a_clear_error() -> None:
+    # as FSDP1 with use_orig_params does to a module it does not wrap itself
+    F, G = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    y = inv.invertible_call(inv.couple(F, G), torch.randn(3, 8, requires_grad=True) * 1)
+    w = F.weight
+    del F.weight
+    F.weight = w.view_as(w)  # type: ignore[assignment]
+    with pytest.raises(inv.InvfuncError, match=r"parameters of its modules changed since the forward"):
+        y.square().sum().backward()

@@ -55,7 +55,7 @@ import torch
 
 from . import _verify
 from ._errors import FreedTensorError, InvfuncError
-from ._replay import AutocastState, RngState, Tracer, cuda_devices
+from ._replay import AutocastState, RngState, Tracer, cuda_devices, sharded
 from ._storage import Freed, StorageHandle, _rebuild_guarded, free_reason, is_freed
 from ._verify import Fingerprint
 
@@ -193,11 +193,16 @@ class BlockState:
                 idx = self.sections.get(name, [])
                 reads = self.block._static_reads(name)
                 if reads is None or len(reads) != len(idx):
-                    raise self.swap_error(f"its modules changed ({len(idx)} parameters recorded)")
+                    raise self.swap_error(
+                        f"the parameters of its modules changed since the forward ({len(idx)} recorded)"
+                    )
                 for t, i in zip(reads, idx):
                     if t is not now[i]:
                         if t.shape != now[i].shape or t.dtype != now[i].dtype:
-                            raise self.swap_error(f"a parameter of shape {tuple(t.shape)}")
+                            raise self.swap_error(
+                                f"the block read a parameter of shape {tuple(t.shape)} that it did not "
+                                "read in the forward"
+                            )
                         subst[id(t)] = now[i]
             if not subst and not self.updates and not self.norms:
                 return nullcontext()
@@ -219,11 +224,12 @@ class BlockState:
 
     def swap_error(self, what: str) -> InvfuncError:
         return InvfuncError(
-            f"invfunc.invertible_call({self.name}) backward: the block read {what} that it did not "
-            "read in the forward, so rebuilding it would use other values than the forward did. "
+            f"invfunc.invertible_call({self.name}) backward: {what}, so rebuilding it would use other "
+            "values than the forward did. "
             "This happens when parameters are swapped only around the forward (e.g. "
-            "torch.func.functional_call outside the block): swap them inside the block's function, "
-            "or use mode='plain' for this call."
+            "torch.func.functional_call outside the block) or between forward and backward (FSDP1 "
+            "with use_orig_params=True): swap them inside the block's function, wrap the whole "
+            "call instead, or use mode='plain' for this call."
         )
 
     def unpack(
@@ -888,6 +894,15 @@ def apply_block(
     state.in_meta = [(None if t.is_nested else t.shape, t.dtype) for t in data]
     state.kept = mode == "checkpoint"
     mods = block._mode_dependent()
+    if mods and not state.static:
+        wrapped = sharded(mods)
+        if wrapped is not None:
+            raise InvfuncError(
+                f"invfunc.invertible_call({state.name}): {type(wrapped).__name__} inside the block is "
+                "wrapped by fully_shard (FSDP2), whose hooks reduce its gradients while invfunc is "
+                "still computing them in the backward. Apply fully_shard to a module that contains the "
+                "whole invertible call instead (supported), or run this call with mode='plain'."
+            )
     state.modes = (mods, tuple(m.training for m in mods)) if mods else None
     state.policy = policy
     exact = getattr(block, "_exact", False)  # an inverse made of copies: nothing to verify

@@ -231,7 +231,10 @@ class Tracer(TorchFunctionMode):
             self.subst[id(t)] = stand_in
             return
         assert self.check is not None
-        raise self.check(f"a tensor of shape {tuple(t.shape)} and dtype {t.dtype}")
+        raise self.check(
+            f"the block read a tensor of shape {tuple(t.shape)} and dtype {t.dtype} that it did not "
+            "read in the forward"
+        )
 
 
 def _without_running_stats(
@@ -447,6 +450,10 @@ def static_reads(fn: object) -> tuple[list[_Tensor], bool] | None:
             return None
         if m._forward_hooks or m._forward_pre_hooks:
             return None
+        if any(isinstance(v, _Tensor) and v.requires_grad for v in m.__dict__.values()) or any(
+            b is not None and b.requires_grad for b in m._buffers.values()
+        ):
+            return None  # a weight set as a plain attribute (or a buffer that needs grad): record it
         for name, p in m._parameters.items():
             if p is not None and p.requires_grad and id(p) not in params:
                 params[id(p)] = p
@@ -472,7 +479,17 @@ def reread(fn: _nn.Module) -> list[_Tensor] | None:
     if slots is None:
         got = static_reads(fn)
         return None if got is None else got[0]
-    return [m._parameters[name] for m, name in slots]  # type: ignore[misc]
+    now = [m._parameters.get(name) for m, name in slots]
+    return None if any(p is None for p in now) else now  # type: ignore[return-value]
+
+
+def sharded(modules: Sequence[_nn.Module]) -> _nn.Module | None:
+    """A module wrapped by FSDP2's ``fully_shard`` among ``modules``, if any."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a build without torch.distributed
+        return None
+    return next((m for m in modules if isinstance(m, FSDPModule)), None)
 
 
 def mode_dependent(fn: object) -> list[_nn.Module]:
