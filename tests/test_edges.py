@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import copy
 import io
-import subprocess
 import sys
-import traceback
-import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,6 +28,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import invfunc as inv
+from _cases import Cases
 from _util import assert_all_close
 
 F64 = {"rtol": 1e-10, "atol": 1e-12}
@@ -533,13 +531,10 @@ def test_forward_ad_dual_captured_by_a_coupling_is_correct_or_a_clear_error() ->
 
 # -- items 15, 17: touching a freed tensor, a second loss head (in a subprocess) -------------
 
-CASES: dict[str, Callable[[], None]] = {}
+CASES = Cases(__file__)
 BUGS: dict[str, str] = {}  # case -> engine bug (a strict xfail)
 
-
-def case(fn: Callable[[], None]) -> Callable[[], None]:
-    CASES[fn.__name__.removeprefix("case_")] = fn
-    return fn
+case = CASES.case
 
 
 def _setup(
@@ -743,48 +738,9 @@ for _order in ("summed", "call_first", "other_first", "partial_inputs"):
     CASES[f"second_head_{_order}"] = lambda o=_order: _second_head(o)
 
 
-def _main(names: Sequence[str]) -> None:
-    """Run cases in this process; one line per case: ``CASE name ok`` or ``CASE name FAIL ...``."""
-    for name in names or list(CASES):
-        print(f"START {name}", flush=True)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                CASES[name]()
-        except BaseException as e:  # reported to the test in the parent
-            frames = traceback.extract_tb(e.__traceback__)
-            where = [f"{Path(f.filename).name}:{f.lineno}" for f in frames]
-            detail = f"{type(e).__name__}: {e}".replace("\n", " ")[:500]
-            print(f"CASE {name} FAIL {detail} (at {', '.join(dict.fromkeys(where[-4:]))})", flush=True)
-        else:
-            print(f"CASE {name} ok", flush=True)
-
-
 @pytest.fixture(scope="module")
 def outcomes() -> dict[str, str]:
-    """Every case's outcome, from a subprocess; a crash is the outcome of the case that
-    caused it, and the cases after it run in a fresh subprocess."""
-    result: dict[str, str] = {}
-    while todo := [n for n in CASES if n not in result]:
-        out = subprocess.run(
-            [sys.executable, str(Path(__file__)), *todo], capture_output=True, text=True, timeout=300
-        )
-        started = None
-        for line in out.stdout.splitlines():
-            kind, _, rest = line.partition(" ")
-            name, _, outcome = rest.partition(" ")
-            if kind == "START":
-                started = name
-            elif kind == "CASE":
-                result[name] = outcome
-                started = None
-        if started is None and out.returncode == 0:
-            continue
-        crashed = started or next((n for n in todo if n not in result), None)
-        if crashed is None:  # every case reported; the process died on exit
-            raise AssertionError(f"the case runner exited with {out.returncode}: {out.stderr[-2000:]}")
-        result[crashed] = f"crashed the process (return code {out.returncode}): {out.stderr[-2000:]}"
-    return result
+    return CASES.outcomes()
 
 
 @pytest.mark.parametrize(
@@ -799,4 +755,4 @@ def test_freed_tensor_touched_or_saved_elsewhere(name: str, outcomes: dict[str, 
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1:])
+    CASES.main(sys.argv[1:])
