@@ -11,8 +11,11 @@ import subprocess
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 
 class Cases(dict[str, Callable[[], None]]):
@@ -26,6 +29,14 @@ class Cases(dict[str, Callable[[], None]]):
         """Register ``fn`` under its name without the ``case_`` prefix."""
         self[fn.__name__.removeprefix("case_")] = fn
         return fn
+
+    def params(self, bugs: Mapping[str, str]) -> list[Any]:
+        """The case names for ``pytest.mark.parametrize``; those in ``bugs`` (name -> reason)
+        are strict expected failures."""
+        return [
+            pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=bugs[n])) if n in bugs else n
+            for n in self
+        ]
 
     def main(self, names: Sequence[str]) -> None:
         """Run cases in this process; one line each: ``CASE name ok`` or ``CASE name FAIL ...``."""

@@ -743,13 +743,7 @@ def outcomes() -> dict[str, str]:
     return CASES.outcomes()
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=BUGS[n])) if n in BUGS else n
-        for n in CASES
-    ],
-)
+@pytest.mark.parametrize("name", CASES.params(BUGS))
 def test_freed_tensor_touched_or_saved_elsewhere(name: str, outcomes: dict[str, str]) -> None:
     assert outcomes[name] == "ok", f"{name}: {outcomes[name]}"
 

@@ -415,13 +415,7 @@ def outcomes() -> dict[str, str]:
 BUGS: dict[str, str] = {}  # case -> engine bug (a strict xfail), none open
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=BUGS[n])) if n in BUGS else n
-        for n in CASES
-    ],
-)
+@pytest.mark.parametrize("name", CASES.params(BUGS))
 def test_tensor_type(name: str, outcomes: dict[str, str]) -> None:
     assert outcomes[name] == "ok", f"{name}: {CASES[name].__doc__ or ''}\n{outcomes[name]}"
 
