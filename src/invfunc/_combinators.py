@@ -312,12 +312,17 @@ class Coupling(Invertible):
             gy1, gy2 = grads
             if fast and handles[0] is not None and handles[1] is not None and handles[0] is not handles[1]:
                 if handles[0].freed and handles[1].freed:
-                    # NOTE [Releasing rebuilt boundaries]: x_i is written into y_i's memory
-                    # when that is the call's own, then moved into x_i's storage
+                    # NOTE [Releasing rebuilt boundaries]: y_i's memory, when it is the call's
+                    # own, is moved into x_i's storage and x_i is computed there in place
                     spare1 = state.spare_output(0, y1, handles[0])
                     spare2 = state.spare_output(1, y2, handles[1])
-                    x1_dst = spare1.view() if spare1 is not None else handles[0].view()
-                    x2_dst = spare2.view() if spare2 is not None else handles[1].view()
+                    if spare2 is not None:  # y2 is read only to rebuild x2: move it now
+                        handles[1].adopt(spare2)
+                        y2 = x2_dst = handles[1].view()
+                    else:
+                        x2_dst = handles[1].view()
+                    if spare1 is None:  # y1 is moved after G's backward, which reads it
+                        x1_dst = handles[0].view()
 
         if self.G is not None:
             g_in = y1
@@ -327,9 +332,6 @@ class Coupling(Invertible):
                 x2 = live[-1] if n_data == 2 else live[-1].narrow(d, h, h)
             else:
                 x2 = torch.sub(y2, g_out, out=x2_dst) if x2_dst is not None else y2 - g_out
-            if spare2 is not None:
-                handles[1].adopt(spare2)  # type: ignore[union-attr]
-                x2 = x2_dst = handles[1].view()  # type: ignore[union-attr]
             if fast:
                 drop_if_unread(g_out)
             del g_out
@@ -340,19 +342,17 @@ class Coupling(Invertible):
             gz1 = gy1 + g_y1
             del g_y1_or_none, g_y1
         else:
-            x2 = x2_dst.copy_(y2) if x2_dst is not None else y2
-            if spare2 is not None:
-                handles[1].adopt(spare2)  # type: ignore[union-attr]
-                x2 = x2_dst = handles[1].view()  # type: ignore[union-attr]
+            # the one-sided coupling's x2 is y2 (already in x2's storage when moved there)
+            x2 = y2 if spare2 is not None or x2_dst is None else x2_dst.copy_(y2)
             gz1 = gy1
         f_out, pull_f = section_vjp(state, self.F, "F", x2, captured, cap_needs)
         if live[0] is not None:
             x1 = live[0] if n_data == 2 else live[0].narrow(d, 0, h)
         else:
+            if spare1 is not None:  # G's backward is done: y1's memory can become x1's
+                handles[0].adopt(spare1)  # type: ignore[union-attr]
+                y1 = x1_dst = handles[0].view()  # type: ignore[union-attr]
             x1 = torch.sub(y1, f_out, out=x1_dst) if x1_dst is not None else y1 - f_out
-        if spare1 is not None:
-            handles[0].adopt(spare1)  # type: ignore[union-attr]
-            x1 = x1_dst = handles[0].view()  # type: ignore[union-attr]
         if fast:
             drop_if_unread(f_out)
         del f_out

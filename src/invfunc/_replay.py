@@ -450,10 +450,15 @@ def static_reads(fn: object) -> tuple[list[_Tensor], bool] | None:
             return None
         if m._forward_hooks or m._forward_pre_hooks:
             return None
-        if any(isinstance(v, _Tensor) and v.requires_grad for v in m.__dict__.values()) or any(
-            b is not None and b.requires_grad for b in m._buffers.values()
+        # a weight set as a plain attribute (FSDP1's flat parameters), or a buffer that needs
+        # grad: record the block instead. The built-ins above name theirs weight and bias.
+        attrs = m.__dict__
+        if (
+            isinstance(attrs.get("weight"), _Tensor)
+            or isinstance(attrs.get("bias"), _Tensor)
+            or (m._buffers and any(b is not None and b.requires_grad for b in m._buffers.values()))
         ):
-            return None  # a weight set as a plain attribute (or a buffer that needs grad): record it
+            return None
         for name, p in m._parameters.items():
             if p is not None and p.requires_grad and id(p) not in params:
                 params[id(p)] = p
