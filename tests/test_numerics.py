@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
@@ -446,3 +447,16 @@ def test_half_precision_stream_keeps_its_inputs_unless_drift_is_verified(dtype: 
     with inv.explain() as report:
         inv.invertible_call(net, x * 1, verify="warn")
     assert report.freed  # verified: freed
+
+
+def test_a_half_precision_parameter_does_not_make_a_float32_stream_kept() -> None:
+    scale = inv.invertible(lambda t, s: t * s.float(), inverse=lambda t, s: t / s.float())
+    s = torch.tensor(2.0, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(4, 6, requires_grad=True)
+    with inv.explain() as report, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = inv.invertible_call(scale, x * 1, s)
+    assert report.freed  # the float32 input is freed as usual
+    got = torch.autograd.grad(y.sum(), [x, s])
+    want = torch.autograd.grad(scale(x * 1, s).sum(), [x, s])
+    assert_all_close(got, want)

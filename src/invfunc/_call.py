@@ -140,7 +140,8 @@ def _call(
     if verify is not None:
         policy = (check_policy(verify, f"invfunc.invertible_call({fn._name}, ..., verify=...)"), policy[1])
     if run_mode == "invertible" and policy[0] == "off":
-        half = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype in _HALF), None)
+        data = args[: fn._n_data(args)]  # the stream: trailing parameters may be of any dtype
+        half = next((a.dtype for a in data if isinstance(a, torch.Tensor) and a.dtype in _HALF), None)
         if half is not None:
             run_mode = _half_stream(fn, half)
 
