@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -55,6 +56,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, help="width H of each half (default per workload)")
     parser.add_argument("--steps", type=int, help="timed steps after the warm-up; time is their median")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps (default 1)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every configuration this many times, in rounds over the whole table; its time is "
+        "the median of the rounds' medians (steadier on a shared machine; default 1)",
+    )
     parser.add_argument("--configs", nargs="+", choices=W.CONFIGS, default=list(W.CONFIGS), metavar="CONFIG")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per child (default 1)")
@@ -69,8 +77,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.depths = sorted(set(args.depths))
     # plain first: it is the reference of every other row at the same depth
     args.configs = sorted(dict.fromkeys(args.configs), key=W.CONFIGS.index)
-    if min(args.depths) < 1 or min(args.batch, args.hidden, args.steps, args.warmup, args.threads) < 1:
-        parser.error("depths, batch, hidden, steps, warmup and threads must be at least 1")
+    if (
+        min(args.depths) < 1
+        or min(args.batch, args.hidden, args.steps, args.warmup, args.threads, args.rounds) < 1
+    ):
+        parser.error("depths, batch, hidden, steps, warmup, threads and rounds must be at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here")
     return args
@@ -148,10 +159,12 @@ def run_one(args: argparse.Namespace, depth: int, config: str, grads: Path) -> d
 
 
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (depth, configuration), ``--rounds`` times over the whole table: the first
+    round gives memory, loss and gradients; every round adds a median step time."""
     rows: list[dict[str, Any]] = []
     with (
         tempfile.TemporaryDirectory(prefix="invfunc-bench-") as tmp,
-        progress(len(args.depths) * len(args.configs)) as bar,
+        progress(args.rounds * len(args.depths) * len(args.configs)) as bar,
     ):
         for depth in args.depths:
             ref: dict[str, Any] | None = None
@@ -166,9 +179,27 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                     _compare(row, ref, reference_grads, grads)
                 if grads != reference_grads:
                     grads.unlink(missing_ok=True)  # gradient files are the size of the parameters
+                row["round_ms"] = [row["step_ms"]] if row["status"] == "ok" else []
                 rows.append(row)
                 bar.update(1)
             reference_grads.unlink(missing_ok=True)
+        for r in range(1, args.rounds):
+            for row in rows:
+                bar.set_description(f"round {r + 1} D={row['depth']} {row['config']}")
+                if row["status"] == "ok":
+                    again = run_one(args, row["depth"], row["config"], Path(tmp, "round.pt"))
+                    if again["status"] == "ok":
+                        row["round_ms"].append(again["step_ms"])
+                bar.update(1)
+    if args.rounds > 1:
+        plain = {r["depth"]: r for r in rows if r["config"] == "plain" and r["status"] == "ok"}
+        for row in rows:
+            if row["round_ms"]:
+                row["step_ms"] = statistics.median(row["round_ms"])
+        for row in rows:
+            ref = plain.get(row["depth"])
+            if row["status"] == "ok" and ref is not None:
+                row["time_ratio"] = row["step_ms"] / ref["step_ms"]
     return rows
 
 
@@ -249,7 +280,9 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
         "",
         W.describe(args.workload, args.batch, args.hidden) + ".",
         f"Loss y.square().mean(); float32; device {args.device}; {args.threads} thread(s) per child process; "
-        f"time = median of {args.steps} steps after {args.warmup} warm-up step(s); peak = growth of "
+        f"time = median of {args.steps} steps after {args.warmup} warm-up step(s)"
+        + (f", median over {args.rounds} rounds of the whole table" if args.rounds > 1 else "")
+        + "; peak = growth of "
         + ("torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (VmHWM)")
         + " during one step; ratios to plain autograd in the same run.",
         f"torch {env['torch']}, Python {env['python']}, {env['machine']}, {env['date']}; peers: "
