@@ -56,10 +56,8 @@ import torch
 from . import _verify
 from ._errors import FreedTensorError, InvfuncError
 from ._replay import AutocastState, RngState, Tracer, cuda_devices, sharded
-from ._storage import Freed, StorageHandle, _rebuild_guarded, free_reason, is_freed
+from ._storage import Freed, StorageHandle, _rebuild_guarded, _use_count, free_reason, is_freed
 from ._verify import Fingerprint
-
-_use_count = torch._C._storage_Use_Count
 
 __all__ = ["BlockState", "apply_block", "explain", "replaying", "section_vjp"]
 

@@ -128,10 +128,7 @@ def _call(
         # recompute, as inside torch.utils.checkpoint) is not the storage invfunc would
         # refill; freeing under them could hand autograd freed memory. Keep inputs instead.
         run_mode = "checkpoint"
-        for rep in _reports():
-            rep.kept.append(
-                (fn._name, -1, "saved-tensor hooks are active (e.g. inside torch.utils.checkpoint)")
-            )
+        _kept_whole_call(fn, "saved-tensor hooks are active (e.g. inside torch.utils.checkpoint)")
     keep_pos, keep_ids = _named_inputs(fn, args, keep, "keep")
     free_pos, free_ids = _named_inputs(fn, args, free, "free")
     if free_pos or free_ids:
@@ -168,11 +165,12 @@ def _call(
         blocks = pairs_inside(blocks, out)
     single = False
     state = first = None
+    labels = _labels(blocks)
     for k, block in enumerate(blocks):
         cur = out if not single else (out,)
         if k == len(blocks) - 1:
             cur = (*cur, *last_params)
-        label = _label(block, k, blocks)
+        label = labels[k]
         out, single, state = apply_block(
             block,
             cur,
@@ -207,21 +205,30 @@ def _half_stream(fn: Invertible, dtype: torch.dtype) -> Literal["checkpoint"]:
         f"its inputs are {dtype}: rebuilt in that precision they drift (run as mode='checkpoint'; "
         "keep the stream in float32 under autocast, or verify drift with verify='raise' to free them)"
     )
-    for rep in _reports():
-        rep.kept.append((fn._name, -1, why))
+    _kept_whole_call(fn, why)
     warnings.warn(f"invfunc.invertible_call({fn._name}): {why}", InvertibilityWarning, stacklevel=4)
     return "checkpoint"
 
 
-def _label(block: Invertible, k: int, blocks: Sequence[Invertible]) -> str:
-    """How errors and reports name block ``k``: counted among the caller's blocks, not the
+def _kept_whole_call(fn: Invertible, why: str) -> None:
+    """Report to explain() that the call frees none of its inputs, and why (index -1)."""
+    for rep in _reports():
+        rep.kept.append((fn._name, -1, why))
+
+
+def _labels(blocks: Sequence[Invertible]) -> list[str]:
+    """How errors and reports name each block: counted among the caller's blocks, not the
     split and join that run a chain with pairs inside (NOTE [Pairs inside a chain])."""
-    if isinstance(block, _Halves):
-        return f"{block._name} (pairs inside the chain)"
-    user = [b for b in blocks if not isinstance(b, _Halves)]
-    if len(user) == 1:
-        return block._name
-    return f"{block._name}, block {sum(not isinstance(b, _Halves) for b in blocks[:k]) + 1} of {len(user)}"
+    n_user = sum(not isinstance(b, _Halves) for b in blocks)
+    labels: list[str] = []
+    k = 0
+    for block in blocks:
+        if isinstance(block, _Halves):
+            labels.append(f"{block._name} (pairs inside the chain)")
+        else:
+            k += 1
+            labels.append(block._name if n_user == 1 else f"{block._name}, block {k} of {n_user}")
+    return labels
 
 
 def _saved_tensors_hooks_active() -> bool:

@@ -60,6 +60,11 @@ def _is_inplace(func: Callable[..., Any]) -> bool:
     return name.endswith("_") and not name.endswith("__") and name not in _INPLACE_EXCLUDED
 
 
+def _update_target(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """The tensor an op writes into, if any: the first argument of an in-place op, or ``out=``."""
+    return args[0] if args and _is_inplace(func) else kwargs.get("out")
+
+
 class Tracer(TorchFunctionMode):
     """Records external tensors of a block's forward, or substitutes them in a replay."""
 
@@ -162,7 +167,7 @@ class Tracer(TorchFunctionMode):
             self._generators[id(gen)] = (gen, gen.get_state())
         if func in _NORM_FUNCS:
             self.norms = True
-        target = args[0] if args and _is_inplace(func) else kwargs.get("out")  # in place, or out=
+        target = _update_target(func, args, kwargs)
         if isinstance(target, _Tensor) and id(target) not in self.produced:
             self.updates.add(id(target))
             self._update_refs.append(target)
@@ -180,7 +185,7 @@ class Tracer(TorchFunctionMode):
     def _replay(self, func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         subst = self.subst
         if self.updates:
-            target = args[0] if args and _is_inplace(func) else kwargs.get("out")
+            target = _update_target(func, args, kwargs)
             if target is not None and id(target) in self.updates:
                 return target  # an external state update (in place or out=) already applied in the forward
         if self.check is not None:
