@@ -8,6 +8,15 @@ import torch
 
 import invfunc as inv
 
+#: Tolerances for float64 comparisons with plain autograd.
+F64 = {"rtol": 1e-10, "atol": 1e-12}
+
+
+def freed(t: torch.Tensor) -> bool:
+    """Whether ``t``'s storage holds no bytes, read without rebuilding a guarded tensor."""
+    with torch._C.DisableTorchFunctionSubclass():
+        return t.untyped_storage().nbytes() == 0
+
 
 def mlp(h: int, act: type[torch.nn.Module] = torch.nn.Tanh) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(h, h), act(), torch.nn.Linear(h, h))

@@ -29,15 +29,9 @@ import torch.autograd.forward_ad as fwAD
 
 import invfunc as inv
 from _cases import Cases
-from _util import assert_all_close
+from _util import F64, assert_all_close, freed
 
-F64 = {"rtol": 1e-10, "atol": 1e-12}
 INPLACE = "modified by an inplace operation"
-
-
-def _freed(t: torch.Tensor) -> bool:
-    with torch._C.DisableTorchFunctionSubclass():
-        return t.untyped_storage().nbytes() == 0
 
 
 def _coupling(h: int = 3) -> tuple[inv.Invertible, list[torch.Tensor]]:
@@ -98,7 +92,7 @@ def test_leaf_named_in_free_is_kept_when_its_storage_cannot_be_freed(
         y = inv.invertible_call(block, t, free=[t])
     assert report.freed == []
     assert [i for _, i, _ in report.kept] == [0] and reason in report.kept[0][2]
-    assert not _freed(t)
+    assert not freed(t)
     got = torch.autograd.grad(y.square().sum(), wrt)
     assert torch.equal(t.detach(), before)
     # plain autograd refuses to save an inference tensor for backward: compare on a clone
@@ -115,7 +109,7 @@ def test_pinned_leaf_named_in_free_is_kept() -> None:
     with inv.explain() as report:
         y = inv.invertible_call(block, t, free=[t])
     assert report.freed == [] and "pinned" in report.kept[0][2]
-    assert t.is_pinned() and not _freed(t)
+    assert t.is_pinned() and not freed(t)
     got = torch.autograd.grad(y.square().sum(), params)
     assert torch.equal(t, before)
     assert_all_close(got, torch.autograd.grad(block(t).square().sum(), params), **F64)
@@ -140,7 +134,7 @@ def test_non_leaf_chunk_halves_are_kept_as_views_and_gradients_are_plain() -> No
         y = inv.invertible_call(block, a, b)
     assert report.freed == []
     assert [i for _, i, _ in report.kept] == [0, 1] and all("view" in r for _, _, r in report.kept)
-    assert not _freed(base)
+    assert not freed(base)
     got = torch.autograd.grad(loss(*y), [x, *params])
     assert torch.equal(base.detach(), before)
     assert torch.equal(a.detach(), before[:, :3]) and torch.equal(b.detach(), before[:, 3:])
@@ -160,7 +154,7 @@ def test_non_tensor_output_is_a_type_error_at_the_call(extra: Any) -> None:
     assert f(h)[1] is extra  # a plain call returns it
     with pytest.raises(TypeError, match=r"invertible_call\(<lambda>, \.\.\.\): the block returned a tuple"):
         inv.invertible_call(f, h)
-    assert not _freed(h) and torch.equal(h.detach(), before)
+    assert not freed(h) and torch.equal(h.detach(), before)
 
 
 def test_bool_tensor_output_is_non_differentiable_and_gradients_are_plain() -> None:
@@ -237,7 +231,7 @@ def test_mask_needing_no_gradient_is_kept_bit_identical_and_gradients_are_plain(
     with pytest.raises(RuntimeError, match="does not require grad"):
         torch.autograd.grad(loss(*f(x.sin(), mask)), [x, mask], allow_unused=True)
     got = torch.autograd.grad(loss(y, m_out), x)
-    assert not _freed(mask) and torch.equal(mask, before)
+    assert not freed(mask) and torch.equal(mask, before)
     assert_all_close(got, torch.autograd.grad(loss(*f(x.sin(), mask)), x), **F64)
 
 
@@ -257,7 +251,7 @@ def test_mask_requiring_grad_used_without_gradient_gets_none_like_plain(leaf: bo
         before = mask.detach().clone()
         y, _ = call(f, x.sin(), mask)
         grads = torch.autograd.grad(y.square().sum(), [x, mask], allow_unused=True)
-        assert not _freed(mask) and torch.equal(mask.detach(), before)
+        assert not freed(mask) and torch.equal(mask.detach(), before)
         return grads
 
     got = run(inv.invertible_call)
@@ -344,7 +338,7 @@ def test_tensor_hook_on_a_freed_intermediate_gets_plain_gradient() -> None:
         with inv.explain() as report:
             y = call(net, h)
         if call is inv.invertible_call:
-            assert _freed(h) and (0, h.numel() * 8) in [f[1:] for f in report.freed]
+            assert freed(h) and (0, h.numel() * 8) in [f[1:] for f in report.freed]
         y.square().sum().backward()
         return seen
 
@@ -406,7 +400,7 @@ def test_input_not_covering_its_storage_is_kept(
     assert report.freed == [] and "does not cover its whole storage" in report.kept[0][2]
     wrt = [x, *params] if h.requires_grad else params
     got = torch.autograd.grad(y.square().sum(), wrt)
-    assert not _freed(h) and torch.equal(h.detach(), before)
+    assert not freed(h) and torch.equal(h.detach(), before)
     want = torch.autograd.grad(block(make(x)[0]).square().sum(), wrt)
     assert_all_close(got, want, **F64)
 
@@ -468,10 +462,10 @@ def test_same_tensor_twice_is_freed_once_and_refilled_once(monkeypatch: pytest.M
     with inv.explain() as report:
         y = inv.invertible_call(block, h, h)
     assert report.freed == [("couple(Linear, Linear)", 0, 96)] and report.kept == []
-    assert _freed(h)
+    assert freed(h)
     got = torch.autograd.grad(loss(*y), [x, *params])
     assert refills == [96]
-    assert not _freed(h) and h._version == version
+    assert not freed(h) and h._version == version
     torch.testing.assert_close(h.detach(), before, **F64)
     assert_all_close(got, torch.autograd.grad(loss(*block(x.exp(), x.exp())), [x, *params]), **F64)
 
@@ -499,7 +493,7 @@ def test_forward_ad_dual_input_is_a_clear_error_and_leaves_it_intact(form: str) 
             match=r"invertible_call\(couple\(Linear, Linear\)\): forward-mode AD .* mode='plain'",
         ):
             inv.invertible_call(block, arg)
-        assert not _freed(arg)
+        assert not freed(arg)
         p, t = fwAD.unpack_dual(arg)
         assert torch.equal(p.detach(), arg_before) and t is not None
         assert torch.equal(t, tangent if form == "dual" else tangent * 2)
@@ -524,7 +518,7 @@ def test_forward_ad_dual_captured_by_a_coupling_is_correct_or_a_clear_error() ->
             got = fwAD.unpack_dual(inv.invertible_call(block, h)).tangent
         except inv.InvfuncError as e:
             assert "forward-mode AD" in str(e)
-            assert not _freed(h)
+            assert not freed(h)
             return
     assert_all_close([got], [want], **F64)
 
@@ -548,7 +542,7 @@ def _setup(
     h = x.tanh()
     ref = h.detach().clone()
     y = inv.invertible_call(block, h, free=[h] if leaf else ())
-    assert _freed(h)
+    assert freed(h)
     return block, params, x, h, ref, y
 
 
@@ -563,7 +557,7 @@ def _check_read(read: Callable[[torch.Tensor], Any], leaf: bool = False) -> None
         assert abs(got - want) <= 1e-12 * max(1.0, abs(want)), (got, want)
     else:
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), **F64)
-    assert not _freed(h)
+    assert not freed(h)
     wrt = [x, *params] if x.requires_grad else params
     grads = torch.autograd.grad(y.square().sum(), wrt)
     assert_all_close(grads, torch.autograd.grad(block(x.tanh()).square().sum(), wrt), **F64)

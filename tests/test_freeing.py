@@ -13,19 +13,12 @@ import pytest
 import torch
 
 import invfunc as inv
-from _util import assert_all_close, mlp, revnet
-
-F64 = {"rtol": 1e-10, "atol": 1e-12}
+from _util import F64, assert_all_close, freed, mlp, revnet
 
 
 def _block() -> inv.Invertible:
     torch.manual_seed(0)
     return inv.couple(mlp(3).double(), mlp(3).double())
-
-
-def _freed(t: torch.Tensor) -> bool:
-    with torch._C.DisableTorchFunctionSubclass():
-        return t.untyped_storage().nbytes() == 0
 
 
 def test_intermediate_is_freed_and_rebuilt_in_place() -> None:
@@ -35,9 +28,9 @@ def test_intermediate_is_freed_and_rebuilt_in_place() -> None:
     before = h.detach().clone()
     version = h._version
     y = inv.invertible_call(block, h)
-    assert _freed(h)
+    assert freed(h)
     y.sum().backward()
-    assert not _freed(h)
+    assert not freed(h)
     assert h._version == version
     torch.testing.assert_close(h.detach(), before, **F64)
 
@@ -47,7 +40,7 @@ def test_leaf_input_is_never_freed_and_stays_bit_identical() -> None:
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     before = x.detach().clone()
     y = inv.invertible_call(block, x)
-    assert not _freed(x)
+    assert not freed(x)
     y.sum().backward()
     assert torch.equal(x.detach(), before)
 
@@ -57,9 +50,9 @@ def test_keep_by_position_and_by_tensor() -> None:
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     h = x * 2
     inv.invertible_call(block, h, keep=(0,))
-    assert not _freed(h)
+    assert not freed(h)
     inv.invertible_call(block, h, keep=[h])
-    assert not _freed(h)
+    assert not freed(h)
 
 
 @pytest.mark.parametrize("requires_grad", [True, False], ids=["leaf requiring grad", "data leaf"])
@@ -70,12 +63,12 @@ def test_leaf_named_in_free_is_freed_and_gradients_are_plain(requires_grad: bool
     before = x.detach().clone()
     with inv.explain() as report:
         y = inv.invertible_call(net, x, free=[x])
-    assert _freed(x) == (requires_grad or depth == 1)
+    assert freed(x) == (requires_grad or depth == 1)
     assert report.freed  # the caller's x, or the halves the chain made of it
     loss = y.square().mean()
     wrt = [x, *params] if requires_grad else params
     got = torch.autograd.grad(loss, wrt)
-    assert not _freed(x)
+    assert not freed(x)
     torch.testing.assert_close(x.detach(), before, rtol=1e-12, atol=1e-12)  # reconstruction
     x_ref = before.clone().requires_grad_(requires_grad)
     want = torch.autograd.grad(net(x_ref).square().mean(), [x_ref, *params] if requires_grad else params)
@@ -87,9 +80,9 @@ def test_leaf_named_in_free_is_rebuilt_when_read() -> None:
     x = torch.randn(4, 6, dtype=torch.float64)
     before = x.clone()
     y = inv.invertible_call(block, x, free=0)
-    assert _freed(x)
+    assert freed(x)
     torch.testing.assert_close(x * 1, before, **F64)  # any read rebuilds it
-    assert not _freed(x)
+    assert not freed(x)
     y.sum().backward()
     torch.testing.assert_close(x, before, **F64)
 
@@ -110,7 +103,7 @@ def test_free_refuses_parameters_keep_conflicts_and_non_data_arguments() -> None
         inv.invertible_call(scale, x, s, free=[s])
     with pytest.raises(ValueError, match=r"free=\.\.\.\): 4 is neither a tensor nor a position"):
         inv.invertible_call(block, x, free=4)
-    assert not _freed(x) and not _freed(s)  # nothing was run or freed
+    assert not freed(x) and not freed(s)  # nothing was run or freed
 
 
 def test_leaves_made_inside_the_call_are_freed_and_user_data_is_not() -> None:
@@ -121,7 +114,7 @@ def test_leaves_made_inside_the_call_are_freed_and_user_data_is_not() -> None:
     before = x.clone()
     with inv.explain() as report:
         y = inv.invertible_call(net, x)
-    assert not _freed(x)
+    assert not freed(x)
     assert [i for _, i, _ in report.freed[:2]] == [0, 1] and "block 1 of 3" in report.freed[0][0]
     got = torch.autograd.grad(y.square().mean(), params)
     assert torch.equal(x, before)
@@ -132,7 +125,7 @@ def test_leaves_made_inside_the_call_are_freed_and_user_data_is_not() -> None:
     a, b = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
     b_before = b.clone()
     y1, y2 = inv.invertible_call(one_sided, a, b)
-    assert not _freed(b)
+    assert not freed(b)
     (y1.square().sum() + y2.square().sum()).backward()
     assert torch.equal(b, b_before)
 
@@ -151,7 +144,7 @@ def test_views_are_kept_and_siblings_stay_readable(make) -> None:  # type: ignor
     h = make(x)
     with inv.explain() as rep:
         y = inv.invertible_call(block, h)
-    assert not _freed(h)
+    assert not freed(h)
     assert rep.kept and "view" in rep.kept[0][2]
     want = torch.autograd.grad(block(make(x)).sum(), x)
     assert_all_close(torch.autograd.grad(y.sum(), x), want, **F64)
@@ -163,7 +156,7 @@ def test_live_sibling_view_keeps_the_base() -> None:
     h = x * 2
     v = h[0]
     inv.invertible_call(block, h)
-    assert not _freed(h)
+    assert not freed(h)
     assert torch.isfinite(v).all()
 
 
@@ -176,7 +169,7 @@ def test_activation_before_the_block(act) -> None:  # type: ignore[no-untyped-de
     y = inv.invertible_call(block, h)
     # sigmoid/exp/tanh save their result and use it smoothly: freed and refilled in place.
     # ReLU's mask could flip on a rebuilt 0, so its result is kept.
-    assert _freed(h) == (act is not torch.relu)
+    assert freed(h) == (act is not torch.relu)
     got = torch.autograd.grad(y.square().sum(), x)
     assert_all_close(got, want, **F64)
 
@@ -198,9 +191,9 @@ def test_print_of_a_freed_tensor_rebuilds_it() -> None:
     ref = h.detach().clone()
     y = inv.invertible_call(block, h)
     assert ref.shape == h.shape and h.dtype == torch.float64  # metadata needs no rebuild
-    assert _freed(h)
+    assert freed(h)
     text = repr(h)
-    assert "tensor" in text and not _freed(h)
+    assert "tensor" in text and not freed(h)
     torch.testing.assert_close(h.detach(), ref, **F64)
     y.sum().backward()
 
@@ -233,7 +226,7 @@ def test_output_aliasing_an_input_keeps_it() -> None:
     x = torch.randn(3, dtype=torch.float64, requires_grad=True)
     h = x * 2
     y = inv.invertible_call(ident, h)
-    assert not _freed(h)
+    assert not freed(h)
     (g,) = torch.autograd.grad(y.sum(), x)
     torch.testing.assert_close(g, torch.full_like(x, 2.0))
 
@@ -244,7 +237,7 @@ def test_non_resizable_storage_is_kept() -> None:
     t = torch.from_numpy(arr)
     with inv.explain() as rep:
         inv.invertible_call(block, t)
-    assert not _freed(t)
+    assert not freed(t)
     y = inv.invertible_call(block, torch.from_numpy(arr).requires_grad_())
     y.sum().backward()
     assert rep.kept  # a leaf: never freed
@@ -259,7 +252,7 @@ def test_forward_that_raises_frees_nothing() -> None:
     h = x * 2
     with pytest.raises(ValueError, match="boom"):
         inv.invertible_call(block, h)
-    assert not _freed(h)
+    assert not freed(h)
     net = inv.chain(_block(), block)
     with pytest.raises(ValueError, match="boom"):
         inv.invertible_call(net, h)
@@ -304,7 +297,7 @@ def test_backward_releases_rebuilt_tensors() -> None:
         states.append(node.state)
         node = node.next_functions[0][0]
     y.sum().backward(retain_graph=True)
-    assert not _freed(h)  # the caller's tensor is refilled and left alone
+    assert not freed(h)  # the caller's tensor is refilled and left alone
     inner = [hd for st in states for hd in (st.handles or ()) if hd is not None]
     # split -> 4 couplings -> join: 5 inner boundaries, each a pair (NOTE [Pairs inside a chain])
     assert len(inner) == 5 * 2 and all(hd.freed for hd in inner)
@@ -343,10 +336,10 @@ def test_grad_disabled_frees_nothing() -> None:
     h = x * 2
     with torch.no_grad():
         y = inv.invertible_call(block, h)
-    assert not _freed(h) and not y.requires_grad
+    assert not freed(h) and not y.requires_grad
     with torch.inference_mode():
         inv.invertible_call(block, h)
-    assert not _freed(h)
+    assert not freed(h)
 
 
 def test_foreign_node_reading_a_freed_tensor_raises_instead_of_crashing() -> None:
@@ -375,7 +368,7 @@ def test_inference_tensor_input_is_kept() -> None:
         t = torch.randn(3, 6, dtype=torch.float64)
     with inv.explain() as rep:
         y = inv.invertible_call(block, t)
-    assert not _freed(t) and rep.kept
+    assert not freed(t) and rep.kept
     y.sum().backward()
 
 
@@ -386,7 +379,7 @@ def test_shared_memory_input_is_kept() -> None:
     h.share_memory_()
     with inv.explain() as rep:
         y = inv.invertible_call(block, h)
-    assert not _freed(h)
+    assert not freed(h)
     assert "shared memory" in rep.kept[0][2]
     (g,) = torch.autograd.grad(y.sum(), x)
     (want,) = torch.autograd.grad(block(x * 2).sum(), x)
@@ -412,7 +405,7 @@ def test_strided_inputs_refill_with_their_strides(make) -> None:  # type: ignore
     h = make(x)
     before = h.detach().clone()
     y = inv.invertible_call(block, h)
-    assert _freed(h) == (not h._is_view())  # channels_last is freed; views are kept
+    assert freed(h) == (not h._is_view())  # channels_last is freed; views are kept
     got = torch.autograd.grad(y.square().sum(), x)
     assert_all_close(got, want, **F64)
     torch.testing.assert_close(h.detach(), before, **F64)  # refilled with the right layout

@@ -9,9 +9,7 @@ import pytest
 import torch
 
 import invfunc as inv
-from _util import assert_all_close, grads_of, mlp, revnet
-
-F64 = {"rtol": 1e-10, "atol": 1e-12}
+from _util import F64, assert_all_close, grads_of, mlp, revnet
 
 
 @pytest.mark.parametrize("depth", [1, 2, 8, 64])

@@ -10,9 +10,7 @@ import torch
 import torch.utils.checkpoint as ckpt
 
 import invfunc as inv
-from _util import assert_all_close, grads_of, mlp, revnet
-
-F64 = {"rtol": 1e-10, "atol": 1e-12}
+from _util import F64, assert_all_close, grads_of, mlp, revnet
 
 
 def test_detect_anomaly() -> None:

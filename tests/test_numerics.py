@@ -20,9 +20,7 @@ import pytest
 import torch
 
 import invfunc as inv
-from _util import assert_all_close, grads_of, mlp
-
-F64 = {"rtol": 1e-10, "atol": 1e-12}
+from _util import F64, assert_all_close, grads_of, mlp
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -6,9 +6,7 @@ import pytest
 import torch
 
 import invfunc as inv
-from _util import assert_all_close
-
-F64 = {"rtol": 1e-10, "atol": 1e-12}
+from _util import F64, assert_all_close
 
 
 def _dropout_net() -> tuple[inv.Invertible, list[torch.Tensor]]:

@@ -18,10 +18,7 @@ import torch
 from torch import nn
 
 import invfunc as inv
-from _util import assert_all_close
-
-F64 = {"rtol": 1e-10, "atol": 1e-12}
-
+from _util import F64, assert_all_close
 
 # -- item 48: random draws from a user torch.Generator ------------------------------------
 

@@ -25,9 +25,8 @@ from torch.utils._pytree import tree_map
 
 import invfunc as inv
 from _cases import Cases
-from _util import assert_all_close
+from _util import F64, assert_all_close
 
-F64 = {"rtol": 1e-10, "atol": 1e-12}
 CASES = Cases(__file__)
 
 case = CASES.case

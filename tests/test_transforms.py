@@ -7,9 +7,7 @@ import torch
 from torch.func import functional_call, grad, jacrev, vjp, vmap
 
 import invfunc as inv
-from _util import assert_all_close, mlp
-
-F64 = {"rtol": 1e-10, "atol": 1e-12}
+from _util import F64, assert_all_close, mlp
 
 
 def _block(dim: int = 1) -> tuple[inv.Invertible, torch.nn.Module, torch.nn.Module]:
