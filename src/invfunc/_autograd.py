@@ -41,14 +41,30 @@ into the input's freed storage (``spare_output`` / :meth:`StorageHandle.adopt`, 
 of data pointers). The output's storage is left freed, as ``release_output`` would
 leave it, and no fresh memory is touched: on CPU fresh memory costs a page fault per
 4 KiB on first write, which was most of the coupling's extra time over checkpointing.
+A block finds the handles that freed its outputs through ``BlockState.consumers``, filled
+by every later block (of the same call or of a later call) that frees one of them.
+
+NOTE [Caller's boundaries nobody holds]
+
+With one call per block, block k's output is the caller's tensor: block k+1 frees it as
+its input and refills it in its backward, and then the caller may read it, so it is
+left alone. But usually nobody can: the caller's loop variable has moved on. At the end
+of block k+1's backward its handle lets go of the tensor (``StorageHandle.let_go``) when
+nothing but the handle holds the Python object, no C++ object holds its TensorImpl (a
+foreign node that saved it: PyTorch keeps the Python object alive then, so this shows in
+its reference count), and no other tensor shares its storage beyond block k's saved
+output. The tensor object then dies, and the boundary is from then on like one inside
+a call: block k moves its memory into its own input and leaves it freed, and a second
+backward (``retain_graph=True``) refills it through the same handle.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -98,6 +114,7 @@ class BlockState:
         "autocast",
         "block",
         "captured",
+        "consumers",
         "ctx_ref",
         "handles",
         "in_meta",
@@ -150,6 +167,8 @@ class BlockState:
         self.seen: tuple[torch.Tensor, ...] | None = None
         self.ctx_ref: Callable[[], Any] | None = None
         self.next_ref: Callable[[], BlockState | None] | None = None
+        # per output: the handle of a later block that freed it (NOTE [Releasing rebuilt boundaries])
+        self.consumers: list[weakref.ref[StorageHandle] | None] | None = None
         self.prints = None
         self.reports: tuple[_Explain, ...] = tuple(_reports())  # explain() regions of the forward
         # inputs that were not freed: a weak reference and the version seen in the forward
@@ -274,23 +293,35 @@ class BlockState:
             reports = [r for r in self.reports if r.open]
             _verify.check(self.name, self.prints, rebuilt, policy, rtol, reports)  # type: ignore[arg-type]
 
-    def release_output(self) -> None:
-        """This block's backward no longer needs its output: free it again if the next block
-        of the same call freed it (NOTE [Releasing rebuilt boundaries])."""
-        nxt = self.next_ref() if self.next_ref is not None else None
-        for h in (nxt.handles or ()) if nxt is not None else ():
+    def link(self, j: int, handle: StorageHandle) -> None:
+        """Output ``j`` was freed by a later block, through ``handle``."""
+        if self.consumers is None:
+            self.consumers = [None] * self.n_out
+        self.consumers[j] = weakref.ref(handle)
+        handle.linked = True
+
+    def _released(self) -> Iterator[tuple[int, StorageHandle]]:
+        """The handles of this block's outputs that are this library's to free again: a
+        boundary inside a call, or a caller's tensor nobody holds any more."""
+        for j, ref in enumerate(self.consumers or ()):
+            h = ref() if ref is not None else None
             if h is not None and h.tensor is None and not h.freed:
-                h.free(None)
+                yield j, h
+
+    def release_output(self) -> None:
+        """This block's backward no longer needs its outputs: free them again where a later
+        block freed them and nobody else holds them (NOTE [Releasing rebuilt boundaries])."""
+        for _, h in self._released():
+            h.free(None)
 
     def spare_output(self, j: int, out: torch.Tensor, into: StorageHandle | None) -> StorageHandle | None:
         """The handle of output ``j`` if its memory may be taken for the freed input ``into``
-        (NOTE [Releasing rebuilt boundaries]): it is a boundary inside the call that
-        :meth:`release_output` would free, laid out exactly as ``into``, and refilled."""
-        nxt = self.next_ref() if self.next_ref is not None else None
-        if into is None or not into.freed or nxt is None or not nxt.handles or j >= len(nxt.handles):
+        (NOTE [Releasing rebuilt boundaries]): :meth:`release_output` would free it, it is
+        laid out exactly as ``into``, and refilled."""
+        if into is None or not into.freed:
             return None
-        h = nxt.handles[j]
-        if h is None or h is into or h.tensor is not None or h.freed:
+        h = next((h for i, h in self._released() if i == j), None)
+        if h is None or h is into:
             return None
         if (h.nbytes, h.size, h.stride, h.dtype) != (into.nbytes, into.size, into.stride, into.dtype):
             return None
@@ -299,9 +330,14 @@ class BlockState:
         return h
 
     def drop_guarded(self) -> None:
-        """After backward, the caller's tensors stay refilled: forget their handles."""
+        """After backward, the caller's tensors stay refilled: forget their handles, unless
+        nothing but this library can reach them any more and the block that produced them
+        may free them again (NOTE [Caller's boundaries nobody holds])."""
         if self.handles is not None:
-            kept = [h if h is not None and h.tensor is None else None for h in self.handles]
+            kept = [
+                h if h is not None and (h.tensor is None or (h.linked and h.let_go())) else None
+                for h in self.handles
+            ]
             self.handles = kept if any(h is not None for h in kept) else None
 
     def restore_guards(self) -> None:
@@ -534,6 +570,7 @@ class _BlockFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        own = _unheld(grads)  # first: it counts references along the way here
         state: BlockState = ctx.state
         if state.modes is not None and tuple(m.training for m in state.modes[0]) != state.modes[1]:
             raise InvfuncError(
@@ -544,7 +581,7 @@ class _BlockFunction(torch.autograd.Function):
             )
         saved = _saved_tensors(ctx, state)
         try:
-            result = _block_backward(state, saved, grads, ctx.needs_input_grad[1:])
+            result = _block_backward(state, saved, grads, ctx.needs_input_grad[1:], own)
         finally:
             state.drop_guarded()  # NOTE [Releasing rebuilt boundaries]
         return (None, *result)
@@ -569,6 +606,83 @@ for _fn in (_BlockFunction, _BlockFunctionEager):
     _fn._backward_cls._invfunc_saves_outputs = True  # type: ignore[attr-defined]
 
 
+def _refs(grads: tuple[torch.Tensor, ...]) -> list[int]:
+    return [sys.getrefcount(g) for g in grads]
+
+
+def _unheld(grads: tuple[torch.Tensor, ...]) -> tuple[bool, ...]:
+    """Which incoming gradients nothing but this backward holds, so that it may write the
+    input's gradient into them in place.
+
+    NOTE [Incoming gradients nobody holds]: a block's backward returns gradients shaped
+    like the gradients it receives, often as their sum with something (``gx2 = gy2 + ...``
+    in a coupling). Writing that sum into ``gy2`` itself saves allocating fresh memory
+    (on CPU a page fault per 4 KiB touched: a few percent of a step). It is done only when
+    nobody else can see ``gy2``: as in PyTorch's own AccumulateGrad, its TensorImpl has one
+    reference (a post hook on the node or a second consumer adds one), no other tensor
+    shares its storage, no weak reference exists, and its Python object has only the
+    references the call into ``backward`` itself makes (a tensor hook that kept it, or
+    ``grad_outputs=`` the caller passed in, add one). That last count depends on the
+    torch version; it is measured once with a probe Function (:func:`_probe_grad_refs`).
+    No gradient is written in place while a graph of the backward is being built."""
+    base = _GRAD_REFS[0] if _GRAD_REFS else None
+    if base is None or torch.is_grad_enabled():
+        return (False,) * len(grads)
+    return tuple(n == base and _plain_buffer(g) for n, g in zip(_refs(grads), grads))
+
+
+def _plain_buffer(g: torch.Tensor) -> bool:
+    """A dense tensor alone on its whole storage, writable in place."""
+    if (
+        type(g) is not torch.Tensor
+        or g.layout != torch.strided
+        or g._use_count() != 1  # type: ignore[attr-defined]
+        or g.requires_grad
+        or g._is_view()
+        or _is_wrapped(g)
+    ):
+        return False
+    storage = g.untyped_storage()
+    return (
+        _use_count(storage._cdata) == 2  # g's and ``storage``
+        and g.storage_offset() == 0
+        and storage.nbytes() == g.numel() * g.element_size()
+        and g.is_contiguous()
+        and weakref.getweakrefcount(g) == 0
+        and not (g.is_inference() or g._is_zerotensor() or g.is_conj() or g.is_neg())
+    )
+
+
+_GRAD_REFS: list[int | None] = []
+
+
+class _Probe(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        _GRAD_REFS.append(_refs(grads)[0])  # same call path and helper as _BlockFunction.backward
+        return grads[0]
+
+
+def _probe_grad_refs() -> None:
+    """Measure the references an incoming gradient nobody else holds has on entry to a
+    Function's backward (NOTE [Incoming gradients nobody holds]); run once, at import."""
+    try:
+        with torch.enable_grad(), torch.inference_mode(False):
+            x = torch.zeros(2, requires_grad=True)
+            (_Probe.apply(x) * 2).sum().backward()  # type: ignore[no-untyped-call]  # the gradient: a fresh product
+    except Exception:  # pragma: no cover - then no gradient is ever written in place
+        _GRAD_REFS.clear()
+    if len(_GRAD_REFS) != 1:  # pragma: no cover
+        _GRAD_REFS[:] = [None]
+
+
+_probe_grad_refs()
+
+
 def _saved_tensors(ctx: Any, state: BlockState) -> tuple[torch.Tensor, ...]:
     try:
         return ctx.saved_tensors  # type: ignore[no-any-return]
@@ -589,13 +703,14 @@ def _block_backward(
     saved: tuple[torch.Tensor, ...],
     grads: Sequence[torch.Tensor],
     needs: Sequence[bool],
+    own: Sequence[bool],
 ) -> list[torch.Tensor | None]:
     outs, explicit, captured, kept = state.unpack(saved)
     block = state.block
     with state.autocast.replay():
         fused = getattr(block, "_fused_backward", None)
         if kept is None and fused is not None:
-            return fused(state, outs, grads, explicit, captured, needs)  # type: ignore[no-any-return]
+            return fused(state, outs, grads, explicit, captured, needs, own)  # type: ignore[no-any-return]
         data = kept if kept is not None else rebuild(state, outs, explicit, captured)
         return _generic_vjp(state, data, explicit, captured, grads, needs)
 
@@ -759,6 +874,13 @@ def _rebuild_on_access(state_ref: weakref.ref[BlockState]) -> Callable[[], None]
     return rebuild_now
 
 
+_NO_CONTEXT = nullcontext()
+
+
+def _no_section(name: str) -> AbstractContextManager[None]:
+    return _NO_CONTEXT
+
+
 def apply_block(
     block: Any,
     args: Sequence[Any],
@@ -812,15 +934,16 @@ def apply_block(
         else [*data, *param_tensors],
         current=static is None,
     )
+    section: Callable[[str], AbstractContextManager[None]]
     if static is not None:  # NOTE [Static discovery]
-        random = any(r for _, r in static.values())
+        if any(r for _, r in static.values()):
 
-        @contextmanager
-        def section(name: str) -> Iterator[None]:
-            if random:
+            def section(name: str) -> AbstractContextManager[None]:
                 rng[name] = RngState(devices)
-            yield
+                return _NO_CONTEXT
 
+        else:
+            section = _no_section
     else:
         tracer = Tracer()
         tracer.start_recording(data)
@@ -921,6 +1044,15 @@ def apply_block(
     return result, single, state
 
 
+def _producer(t: torch.Tensor) -> BlockState | None:
+    """The state of the invertible block whose output ``t`` is, if any."""
+    fn = t.grad_fn
+    if fn is None or not getattr(type(fn), "_invfunc_saves_outputs", False):
+        return None
+    state = getattr(fn, "state", None)
+    return state if isinstance(state, BlockState) else None
+
+
 def free_call_inputs(
     state: BlockState,
     data: Sequence[Any],
@@ -959,6 +1091,9 @@ def _free_inputs(
                 state.live[i] = (weakref.ref(t), t._version)
             continue
         h = StorageHandle(t, guard)
+        producer = _producer(t)
+        if producer is not None:
+            producer.link(t.output_nr, h)
         for rep in reports:
             rep.freed.append((state.name, i, h.nbytes))
         by_id[id(t)] = h

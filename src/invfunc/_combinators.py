@@ -9,9 +9,18 @@ from typing import Any
 
 import torch
 
-from ._autograd import BlockState, _fast_path, _generic_vjp, _is_wrapped, drop_if_unread, rebuild, section_vjp
+from ._autograd import (
+    BlockState,
+    _fast_path,
+    _generic_vjp,
+    _is_wrapped,
+    drop_if_unread,
+    rebuild,
+    section_vjp,
+)
 from ._core import Invertible, _name
 from ._replay import mode_dependent, reread, static_reads
+from ._storage import _use_count
 
 __all__ = ["Chain", "Coupling", "chain", "couple"]
 
@@ -279,6 +288,7 @@ class Coupling(Invertible):
         explicit: Sequence[torch.Tensor],
         captured: Sequence[torch.Tensor],
         needs: Sequence[bool],
+        own: Sequence[bool],
     ) -> list[torch.Tensor | None]:
         """The RevNet backward: F and G evaluated once each, the input rebuilt on the way."""
         n_data = state.n_data
@@ -295,21 +305,33 @@ class Coupling(Invertible):
         if fast:  # plain tensors: views of them are cheaper to make
             outs = [o.detach() for o in outs]
         x1_dst = x2_dst = None
-        spare1 = spare2 = None
+        spare1 = None
         # NOTE [Kept inputs are used as they are]: not recomputed from the outputs
         live = state.live_inputs() if fast and state.live else [None] * n_data
         if n_data == 1:
             d = self.dim % outs[0].dim()
             h = outs[0].size(d) // 2
-            y1, y2 = outs[0].split_with_sizes([h, h], d)
             gy1, gy2 = grads[0].split_with_sizes([h, h], d)
+            on_storage = 3  # NOTE [Incoming gradients nobody holds]: grads[0] and its halves
+            mine = [fast and own[0]] * 2
             if fast and handles[0] is not None and handles[0].freed:
-                # two views with their own version counters: writing x1 must not look
-                # like an in-place change of the x2 that F's recompute saved
+                # NOTE [Releasing rebuilt boundaries]: y's memory, when nobody else holds it,
+                # is moved into x's storage, y is read there and x computed there in place
+                spare = state.spare_output(0, outs[0], handles[0])
+                if spare is not None:
+                    handles[0].adopt(spare)
+                # two views with their own version counters: writing x1 must not look like
+                # an in-place change of the x2 that F's recompute saved (nor writing x2 of
+                # the y1 that G's recompute saved)
                 x1_dst, x2_dst = handles[0].view().narrow(d, 0, h), handles[0].view().narrow(d, h, h)
+                y1, y2 = (x1_dst, x2_dst) if spare is not None else outs[0].split_with_sizes([h, h], d)
+            else:
+                y1, y2 = outs[0].split_with_sizes([h, h], d)
         else:
             y1, y2 = outs
             gy1, gy2 = grads
+            on_storage = 1
+            mine = [fast and own[0], fast and own[1]]
             if fast and handles[0] is not None and handles[1] is not None and handles[0] is not handles[1]:
                 if handles[0].freed and handles[1].freed:
                     # NOTE [Releasing rebuilt boundaries]: y_i's memory, when it is the call's
@@ -335,15 +357,22 @@ class Coupling(Invertible):
             if fast:
                 drop_if_unread(g_out)
             del g_out
-            g_y1_or_none, pairs = pull_g(gy2)
-            del pull_g
-            g_y1 = g_y1_or_none if g_y1_or_none is not None else torch.zeros_like(gy1)  # G ignores y1
+            cot = gy2.detach() if mine[1] else gy2  # an alias anything G's backward keeps shows up as
+            g_y1_or_none, pairs = pull_g(cot)
+            del pull_g, cot
             add(pairs)
-            gz1 = gy1 + g_y1
-            del g_y1_or_none, g_y1
+            del pairs
+            if g_y1_or_none is None:  # G ignores y1
+                gz1 = gy1
+            elif mine[0] and _alone(gy1, on_storage):
+                gz1 = gy1.add_(g_y1_or_none)
+            else:
+                gz1 = gy1 + g_y1_or_none
+                mine[0] = False
+            del g_y1_or_none
         else:
             # the one-sided coupling's x2 is y2 (already in x2's storage when moved there)
-            x2 = y2 if spare2 is not None or x2_dst is None else x2_dst.copy_(y2)
+            x2 = y2 if x2_dst is None or y2 is x2_dst else x2_dst.copy_(y2)
             gz1 = gy1
         f_out, pull_f = section_vjp(state, self.F, "F", x2, captured, cap_needs)
         if live[0] is not None:
@@ -359,11 +388,19 @@ class Coupling(Invertible):
         if fast:
             del y1, y2, outs
             state.release_output()  # the input is rebuilt: this block's output can go
-        g_x2_or_none, pairs = pull_f(gz1)
-        del pull_f
-        g_x2 = g_x2_or_none if g_x2_or_none is not None else torch.zeros_like(gy2)  # F ignores x2
+        cot = gz1.detach() if mine[0] else gz1
+        g_x2_or_none, pairs = pull_f(cot)
+        del pull_f, cot
         add(pairs)
-        if fast and n_data == 1:
+        del pairs
+        g_x2 = g_x2_or_none if g_x2_or_none is not None else torch.zeros_like(gy2)  # F ignores x2
+        del g_x2_or_none
+        if mine[1] and (n_data == 2 or mine[0]) and _alone(gy2, on_storage):
+            # NOTE [Incoming gradients nobody holds]: the input's gradient is written over
+            # the output's, which nobody else holds (one tensor: gz1 is already in place)
+            gx2 = gy2.add_(g_x2)
+            data_grads: list[torch.Tensor | None] = [grads[0]] if n_data == 1 else [gz1, gx2]
+        elif fast and n_data == 1:
             # the whole input's gradient is allocated only now, after F's recompute and
             # backward, the moment of this backward's peak memory
             gx = torch.empty_like(grads[0], memory_format=torch.contiguous_format)
@@ -371,7 +408,7 @@ class Coupling(Invertible):
             gx1.copy_(gz1)
             del gz1
             torch.add(gy2, g_x2, out=gx2)
-            data_grads: list[torch.Tensor | None] = [gx]
+            data_grads = [gx]
         else:
             gx2 = gy2 + g_x2
             data_grads = [torch.cat([gz1, gx2], d)] if n_data == 1 else [gz1, gx2]
@@ -401,6 +438,12 @@ class _Variadic(Invertible):
 
     def _n_data(self, args: Sequence[Any]) -> int:
         return len(args)
+
+
+def _alone(t: torch.Tensor, n: int) -> bool:
+    """Only the ``n`` tensors this backward made are on ``t``'s storage
+    (NOTE [Incoming gradients nobody holds]): nothing kept an alias handed out since."""
+    return _use_count(t.untyped_storage()._cdata) == n + 1  # and the temporary storage object
 
 
 def _split_halves(x: torch.Tensor, *, d: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -445,6 +488,7 @@ class _Halves(Invertible):
         explicit: Sequence[torch.Tensor],
         captured: Sequence[torch.Tensor],
         needs: Sequence[bool],
+        own: Sequence[bool],
     ) -> list[torch.Tensor | None]:
         if not _fast_path(*outs, *grads) or state.prints is not None:  # graph wanted, or verify: general
             return _generic_vjp(

@@ -37,6 +37,7 @@ device, ``requires_grad``) stays readable without a rebuild.
 from __future__ import annotations
 
 import functools
+import sys
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -140,7 +141,7 @@ def free_reason(t: torch.Tensor, *, leaf_ok: bool = False) -> str | None:
 class StorageHandle:
     """A freed storage, with what is needed to refill it and to guard its tensor."""
 
-    __slots__ = ("__weakref__", "dtype", "nbytes", "size", "storage", "stride", "tensor", "version")
+    __slots__ = ("__weakref__", "dtype", "linked", "nbytes", "size", "storage", "stride", "tensor", "version")
 
     def __init__(self, t: torch.Tensor, guard: bool) -> None:
         self.storage = t.untyped_storage()
@@ -152,6 +153,7 @@ class StorageHandle:
         # A strong reference: the version counter must be restored even if the caller
         # dropped the tensor (the previous block's saved output shares that counter).
         self.tensor: torch.Tensor | None = t if guard else None
+        self.linked = False  # registered with the block that produced the tensor
 
     def free(self, rebuild: Callable[[], None] | None) -> None:
         if self.storage.device.type == "cuda":
@@ -173,6 +175,26 @@ class StorageHandle:
             self.storage.resize_(self.nbytes)
         out = torch.empty(0, dtype=self.dtype, device=self.storage.device)
         return out.set_(self.storage, 0, self.size, self.stride)
+
+    def let_go(self) -> bool:
+        """Drop the strong reference to the caller's tensor when nothing else can reach it
+        or its memory, and say whether it did (NOTE [Caller's boundaries nobody holds]).
+
+        Reachable means: another Python reference to the tensor object (a variable, a
+        list, a hook's closure), a C++ holder of its TensorImpl (a foreign autograd node
+        that saved it), or another tensor on its storage (a view or a detached alias).
+        Accounted for are this handle (the tensor and the storage object) and the saved
+        output of the block that produced it."""
+        t = self.tensor
+        if (
+            type(t) is not torch.Tensor
+            or sys.getrefcount(t) != 3  # the slot, the local ``t``, getrefcount's argument
+            or t._use_count() != 1  # type: ignore[attr-defined]  # the Python object's own reference
+            or _use_count(self.storage._cdata) != 3  # t, self.storage, the producer's saved output
+        ):
+            return False
+        self.tensor = None
+        return True
 
     @property
     def freed(self) -> bool:

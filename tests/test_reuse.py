@@ -1,0 +1,271 @@
+"""Memory the backward reuses: the caller's boundaries nobody holds any more, and
+incoming gradients nobody holds (NOTE [Caller's boundaries nobody holds], NOTE
+[Incoming gradients nobody holds]).
+
+Each reuse is checked both ways: it happens where nothing else can see the memory
+(counted by spying on the engine), and wherever the caller can still reach the tensor
+(a variable, a hook's closure, a foreign autograd node, a stored gradient) the values
+are exactly those of plain autograd after the backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from tests._util import F64, assert_all_close, mlp
+
+import invfunc as inv
+from invfunc import _combinators
+from invfunc._storage import StorageHandle
+
+DEPTH = 5
+
+
+@pytest.fixture
+def adopts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts memory moved from a block's output into its rebuilt input."""
+    count = [0]
+    original = StorageHandle.adopt
+
+    def counting(self: StorageHandle, other: StorageHandle) -> None:
+        count[0] += 1
+        original(self, other)
+
+    monkeypatch.setattr(StorageHandle, "adopt", counting)
+    return count
+
+
+@pytest.fixture
+def in_place(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts gradients written over the incoming gradient's memory."""
+    count = [0]
+    original = _combinators._alone
+
+    def counting(t: torch.Tensor, n: int) -> bool:
+        ok = original(t, n)
+        count[0] += ok
+        return ok
+
+    monkeypatch.setattr(_combinators, "_alone", counting)
+    return count
+
+
+def _blocks(pair: bool = False) -> tuple[list[inv.Invertible], list[torch.Tensor]]:
+    torch.manual_seed(0)
+    blocks = [inv.couple(mlp(3).double(), mlp(3).double()) for _ in range(DEPTH)]
+    params = [p for b in blocks for m in (b.F, b.G) for p in m.parameters()]  # type: ignore[attr-defined]
+    return blocks, params
+
+
+def _per_block(
+    blocks: list[inv.Invertible],
+    params: list[torch.Tensor],
+    x: torch.Tensor,
+    *,
+    invertible: bool,
+    keep: Callable[[int, torch.Tensor], None] = lambda k, h: None,
+) -> list[torch.Tensor]:
+    """Gradients of a chain run with one call per block; ``keep`` sees every boundary."""
+    x = x.detach().requires_grad_()
+    h = x * 1
+    for k, b in enumerate(blocks):
+        h = inv.invertible_call(b, h) if invertible else b(h)
+        if k < len(blocks) - 1:
+            keep(k, h)
+    wrt = [x, *params]
+    return list(torch.autograd.grad(h.square().sum(), wrt))
+
+
+def test_boundaries_nobody_holds_lend_their_memory(adopts: list[int]) -> None:
+    blocks, params = _blocks()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    want = _per_block(blocks, params, x, invertible=False)
+    got = _per_block(blocks, params, x, invertible=True)
+    assert_all_close(got, want, **F64)
+    assert adopts[0] == DEPTH - 1  # every boundary between two calls
+
+
+def _hold_in_list(store: list[torch.Tensor]) -> Callable[[int, torch.Tensor], None]:
+    return lambda k, h: store.append(h)
+
+
+def _hold_in_hook(store: list[torch.Tensor]) -> Callable[[int, torch.Tensor], None]:
+    def keep(k: int, h: torch.Tensor) -> None:
+        # the closure holds h; the hook reads it after the backward has passed it
+        h.register_hook(lambda g, h=h: store.append(h))
+
+    return keep
+
+
+def _hold_alias(store: list[torch.Tensor]) -> Callable[[int, torch.Tensor], None]:
+    def keep(k: int, h: torch.Tensor) -> None:
+        # a hook run between two backwards keeps a detached alias, not h itself
+        h.register_hook(lambda g, h=h: store.append(h.detach()))
+
+    return keep
+
+
+@pytest.mark.parametrize("holder", [_hold_in_list, _hold_in_hook, _hold_alias])
+def test_boundaries_the_caller_holds_keep_their_values(
+    holder: Callable[[list[torch.Tensor]], Callable[[int, torch.Tensor], None]], adopts: list[int]
+) -> None:
+    blocks, params = _blocks()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    plain: list[torch.Tensor] = []
+    mine: list[torch.Tensor] = []
+    want = _per_block(blocks, params, x, invertible=False, keep=holder(plain))
+    got = _per_block(blocks, params, x, invertible=True, keep=holder(mine))
+    assert_all_close(got, want, **F64)
+    assert len(mine) == len(plain) == DEPTH - 1
+    assert_all_close([t.clone() for t in mine], plain, **F64)
+    if holder is not _hold_alias:
+        assert adopts[0] == 0
+
+
+def test_boundary_saved_by_a_foreign_node_keeps_its_values(adopts: list[int]) -> None:
+    # h * w saves h itself (its TensorImpl, not its storage): a later backward through
+    # that product alone reads h, so h's memory is not lent, though nobody names h.
+    blocks, params = _blocks()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    sides: list[torch.Tensor] = []
+
+    def keep(k: int, h: torch.Tensor) -> None:
+        sides.append((h * w).sum())
+
+    got = _per_block(blocks, params, x, invertible=True, keep=keep)
+    side_got = torch.autograd.grad(sum(sides), w)[0]
+    sides.clear()
+    want = _per_block(blocks, params, x, invertible=False, keep=keep)
+    side_want = torch.autograd.grad(sum(sides), w)[0]
+    assert_all_close(got, want, **F64)
+    torch.testing.assert_close(side_got, side_want, **F64)
+    assert adopts[0] == 0
+
+
+def test_lent_boundaries_are_refilled_by_a_second_backward(adopts: list[int]) -> None:
+    blocks, params = _blocks()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    want = _per_block(blocks, params, x, invertible=False)
+    xi = x.detach().requires_grad_()
+    h = xi * 1
+    for b in blocks:
+        h = inv.invertible_call(b, h)
+    loss = h.square().sum()
+    first = torch.autograd.grad(loss, [xi, *params], retain_graph=True)
+    second = torch.autograd.grad(loss, [xi, *params])
+    assert_all_close(list(first), want, **F64)
+    assert_all_close(list(second), want, **F64)
+    # the first block's input (the caller's x * 1) stays refilled after the first backward,
+    # so the first block's second backward rebuilds it into fresh memory: one move fewer
+    assert adopts[0] == 2 * (DEPTH - 1) - 1
+
+
+# -- incoming gradients -------------------------------------------------------------------
+
+
+def _chain_grads(
+    run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, wrt: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    x = x.detach().requires_grad_()
+    return list(torch.autograd.grad(run(x * 1).square().sum(), [x, *wrt]))
+
+
+@pytest.mark.parametrize("spelling", ["one call", "per block"])
+def test_gradients_are_written_over_incoming_ones_nobody_holds(spelling: str, in_place: list[int]) -> None:
+    blocks, params = _blocks()
+    net = inv.chain(*blocks)
+
+    def run(h: torch.Tensor) -> torch.Tensor:
+        if spelling == "one call":
+            return inv.invertible_call(net, h)  # type: ignore[no-any-return]
+        for b in blocks:
+            h = inv.invertible_call(b, h)
+        return h
+
+    x = torch.randn(4, 6, dtype=torch.float64)
+    assert_all_close(_chain_grads(run, x, params), _chain_grads(net, x, params), **F64)
+    assert in_place[0] > DEPTH
+
+
+def _stored_gradients(invertible: bool, how: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Gradients, and what a hook of kind ``how`` stored during the backward."""
+    blocks, params = _blocks()
+    store: list[torch.Tensor] = []
+    handles = []
+    if how == "module hook":
+        for b in blocks:
+            handles.append(b.G.register_full_backward_hook(lambda m, gi, go: store.append(go[0])))  # type: ignore[attr-defined]
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    h = x * 1
+    for b in blocks:
+        h = inv.invertible_call(b, h) if invertible else b(h)
+        if how == "tensor hook":
+            h.register_hook(store.append)
+        elif how == "retain_grad":
+            h.retain_grad()
+            store.append(h)
+        elif how == "node post hook" and invertible:
+            h.grad_fn.register_hook(lambda gi, go: store.append(go[0]))  # type: ignore[union-attr]
+    grads = list(torch.autograd.grad(h.square().sum(), [x, *params]))
+    for handle in handles:
+        handle.remove()
+    stored = [t.grad if how == "retain_grad" else t for t in store]
+    return grads, [t.clone() for t in stored]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("how", ["tensor hook", "retain_grad", "module hook", "node post hook"])
+def test_gradients_the_caller_stored_keep_their_values(how: str) -> None:
+    got, got_stored = _stored_gradients(True, how)
+    # a post hook on the block's node sees what a tensor hook on its output sees
+    want, want_stored = _stored_gradients(False, "tensor hook" if how == "node post hook" else how)
+    assert_all_close(got, want, **F64)
+    assert got_stored and len(got_stored) == len(want_stored)
+    assert_all_close(got_stored, want_stored, **F64)
+
+
+def test_grad_outputs_passed_in_are_not_written() -> None:
+    blocks, params = _blocks()
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    h = x * 1
+    for b in blocks:
+        h = inv.invertible_call(b, h)
+    v = torch.randn(4, 6, dtype=torch.float64)
+    before = v.clone()
+    got = torch.autograd.grad(h, [x, *params], grad_outputs=v)
+    assert torch.equal(v, before)
+    h = x * 1
+    for b in blocks:
+        h = b(h)
+    want = torch.autograd.grad(h, [x, *params], grad_outputs=v)
+    assert_all_close(list(got), list(want), **F64)
+
+
+def _pass_through_pairs() -> Iterator[tuple[str, Callable[[torch.Tensor], torch.Tensor], torch.Tensor]]:
+    b = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    yield "captured full-shape bias", (lambda t: t + b), b
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    yield "identity of the input", (lambda t: t * 1 + w), w
+
+
+@pytest.mark.parametrize("spelling", ["one call", "per block"])
+def test_gradients_passed_through_unchanged_are_not_overwritten(spelling: str) -> None:
+    # G(y) = y + b hands its incoming gradient to b unchanged (AddBackward passes it on):
+    # b's gradient aliases the coupling's gy2, which must not then be written over.
+    for _name, fn, leaf in _pass_through_pairs():
+        blocks = [inv.couple(fn, fn) for _ in range(3)]
+        net = inv.chain(*blocks)
+
+        def run(
+            h: torch.Tensor, blocks: list[inv.Invertible] = blocks, net: inv.Invertible = net
+        ) -> torch.Tensor:
+            if spelling == "one call":
+                return inv.invertible_call(net, h)  # type: ignore[no-any-return]
+            for blk in blocks:
+                h = inv.invertible_call(blk, h)
+            return h
+
+        x = torch.randn(4, 6, dtype=torch.float64)
+        assert_all_close(_chain_grads(run, x, [leaf]), _chain_grads(net, x, [leaf]), **F64)
