@@ -369,7 +369,12 @@ def _describe(x: object) -> str:
 
 def _fast_path(*tensors: torch.Tensor) -> bool:
     """True when backward needs no graph of its own: out= writes are allowed."""
-    return not torch.is_grad_enabled() and not any(_is_wrapped(t) for t in tensors)
+    if torch.is_grad_enabled():
+        return False
+    return not _functorch_active() or not any(_is_wrapped(t) for t in tensors)
+
+
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 def block_vjp(
@@ -401,10 +406,10 @@ def block_vjp(
         # its hooks fire once, when autograd hands it this block's gradient; the others
         # are differentiated directly (no substitution needed: cheaper).
         hooked = any(values[i]._backward_hooks for i in diff if i >= n_positional)
-        vals = [
-            v.detach().requires_grad_() if i in diff and (hooked or i < n_positional) else v
-            for i, v in enumerate(values)
-        ]
+        vals = list(values)
+        for i in diff:
+            if hooked or i < n_positional:
+                vals[i] = vals[i].detach().requires_grad_()
         now: Sequence[torch.Tensor] = ()
         if hooked:
             now = list(originals)

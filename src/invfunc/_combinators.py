@@ -264,7 +264,7 @@ class Coupling(Invertible):
                 return torch.cat([y1, x2 + check(self.G(y1), "G", y1)], d)
         x1, x2, d = self._split(x.detach(), "the input")
         y = torch.empty_like(x)
-        y1, y2 = y.narrow(d, 0, x1.size(d)), y.narrow(d, x1.size(d), x1.size(d))
+        y1, y2 = y.split_with_sizes([x1.size(d), x1.size(d)], d)
         with section("F"):
             f = self.F(x2)
         check(f, "F", x2)
