@@ -269,3 +269,18 @@ def test_gradients_passed_through_unchanged_are_not_overwritten(spelling: str) -
 
         x = torch.randn(4, 6, dtype=torch.float64)
         assert_all_close(_chain_grads(run, x, [leaf]), _chain_grads(net, x, [leaf]), **F64)
+
+
+@pytest.mark.parametrize("modes", [("checkpoint", "invertible"), ("invertible", "checkpoint")])
+def test_mixed_modes_per_block_and_a_second_backward(modes: tuple[str, str]) -> None:
+    blocks, params = _blocks()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    want = _per_block(blocks, params, x, invertible=False)
+    xi = x.detach().requires_grad_()
+    h = xi * 1
+    for k, b in enumerate(blocks):
+        h = inv.invertible_call(b, h, mode=modes[k % 2])
+    loss = h.square().sum()
+    for retain in (True, False):
+        got = torch.autograd.grad(loss, [xi, *params], retain_graph=retain)
+        assert_all_close(list(got), want, **F64)

@@ -716,8 +716,13 @@ def _block_backward(
         fused = getattr(block, "_fused_backward", None)
         if kept is None and fused is not None:
             return fused(state, outs, grads, explicit, captured, needs, own)  # type: ignore[no-any-return]
-        data = kept if kept is not None else rebuild(state, outs, explicit, captured)
-        return _generic_vjp(state, data, explicit, captured, grads, needs)
+        if kept is None:
+            data = rebuild(state, outs, explicit, captured)
+            return _generic_vjp(state, data, explicit, captured, grads, needs)
+        result = _generic_vjp(state, kept, explicit, captured, grads, needs)
+        if not torch.is_grad_enabled():
+            state.release_output()  # as rebuild() does: later blocks refill it if asked again
+        return result
 
 
 def rebuild(
