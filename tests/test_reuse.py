@@ -284,3 +284,18 @@ def test_mixed_modes_per_block_and_a_second_backward(modes: tuple[str, str]) -> 
     for retain in (True, False):
         got = torch.autograd.grad(loss, [xi, *params], retain_graph=retain)
         assert_all_close(list(got), want, **F64)
+
+
+def test_pair_boundaries_nobody_holds_lend_their_memory(adopts: list[int]) -> None:
+    blocks, params = _blocks()
+    x = torch.randn(4, 6, dtype=torch.float64)
+
+    def grads(invertible: bool) -> list[torch.Tensor]:
+        xi = x.detach().requires_grad_()
+        h = (xi[:, :3] * 1, xi[:, 3:] * 1)
+        for b in blocks:
+            h = inv.invertible_call(b, *h) if invertible else b(*h)
+        return list(torch.autograd.grad(sum(t.square().sum() for t in h), [xi, *params]))
+
+    assert_all_close(grads(True), grads(False), **F64)
+    assert adopts[0] == 2 * (DEPTH - 1)  # both halves of every boundary between two calls
