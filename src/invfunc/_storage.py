@@ -185,11 +185,11 @@ class StorageHandle:
         that saved it), or another tensor on its storage (a view or a detached alias).
         Accounted for are this handle (the tensor and the storage object) and the saved
         output of the block that produced it."""
+        if type(self.tensor) is not torch.Tensor or _slot_refs(self) != _SLOT_REFS:
+            return False  # (counted before this frame holds a reference of its own)
         t = self.tensor
         if (
-            type(t) is not torch.Tensor
-            or sys.getrefcount(t) != 3  # the slot, the local ``t``, getrefcount's argument
-            or t._use_count() != 1  # type: ignore[attr-defined]  # the Python object's own reference
+            t._use_count() != 1  # type: ignore[attr-defined]  # the Python object's own reference
             or _use_count(self.storage._cdata) != 3  # t, self.storage, the producer's saved output
         ):
             return False
@@ -217,6 +217,17 @@ class StorageHandle:
             if type(t) is Freed:
                 t.__class__ = torch.Tensor  # type: ignore[assignment]
                 _set_version((t,), (self.version,))
+
+
+def _slot_refs(handle: StorageHandle) -> int:
+    """The reference count of the handle's tensor, seen from here (the count includes
+    what this function's own frame holds, which depends on the interpreter version)."""
+    t = handle.tensor
+    return sys.getrefcount(t)
+
+
+# What _slot_refs gives for a tensor that only its handle holds, measured once.
+_SLOT_REFS = _slot_refs(StorageHandle(torch.empty(1), True))
 
 
 # id(tensor) -> (weakref to it, rebuild callback). Entries die with their tensors.
