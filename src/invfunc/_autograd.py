@@ -610,6 +610,13 @@ class _BlockFunctionEager(torch.autograd.Function):
 for _fn in (_BlockFunction, _BlockFunctionEager):
     _fn._backward_cls._invfunc_saves_outputs = True  # type: ignore[attr-defined]
 
+# The C++ apply that Function.apply ends in for a Function without setup_context when no
+# torch.func transform is active (after unwrapping tensors leaked from a transform).
+try:
+    _EAGER_APPLY = torch._C._FunctionBase.__dict__["apply"].__get__(None, _BlockFunctionEager)
+except (KeyError, AttributeError, TypeError):  # pragma: no cover - another torch layout
+    _EAGER_APPLY = _BlockFunctionEager.apply
+
 
 def _refs(grads: tuple[torch.Tensor, ...]) -> list[int]:
     return [sys.getrefcount(g) for g in grads]
@@ -1045,8 +1052,12 @@ def apply_block(
     inputs = (*data, *param_tensors, *captured)
     state.precomputed = outs
     state.seen = inputs
-    fn = _BlockFunction if torch._C._are_functorch_transforms_active() else _BlockFunctionEager
-    result = fn.apply(state, *inputs)  # type: ignore[no-untyped-call]
+    if torch._C._are_functorch_transforms_active():
+        result = _BlockFunction.apply(state, *inputs)  # type: ignore[no-untyped-call]
+    elif any(_is_wrapped(t) for t in inputs):  # a tensor leaked from a transform: apply unwraps it
+        result = _BlockFunctionEager.apply(state, *inputs)  # type: ignore[no-untyped-call]
+    else:  # Function.apply's Python wrapper does nothing more here (~3 us a call)
+        result = _EAGER_APPLY(state, *inputs)
     if previous is not None:
         previous.next_ref = weakref.ref(state)
     if mode == "invertible" and not guard:

@@ -434,7 +434,9 @@ def static_reads(fn: object) -> tuple[list[_Tensor], bool] | None:
     it draws random numbers), or None if that cannot be known statically.
 
     Only trees of the built-in modules above, with no hooks, qualify (NOTE [Static
-    discovery]): anything else is recorded by running it under :class:`Tracer`.
+    discovery]): anything else is recorded by running it under :class:`Tracer`. This
+    walk runs on every forward of a block (PyTorch offers no cheap way to see that a
+    module tree changed), so it is written for speed: one pass, parents first.
     """
     if not isinstance(fn, _nn.Module):
         return None
@@ -446,28 +448,36 @@ def static_reads(fn: object) -> tuple[list[_Tensor], bool] | None:
     slots: list[tuple[_nn.Module, str]] = []
     random = False
     modal: list[_nn.Module] = []
-    for m in _modules(fn):
+    pure, draws = _PURE_MODULES, _RANDOM_MODULES
+    order = [fn]
+    seen = {id(fn)}
+    for m in order:  # grows while it is walked: each module once, parents first
         kind = type(m)
-        if kind in _RANDOM_MODULES:
+        if kind not in pure:
+            if kind not in draws:
+                return None
             random = random or m.training
             modal.append(m)
-        elif kind not in _PURE_MODULES:
-            return None
-        if m._forward_hooks or m._forward_pre_hooks:
+        attrs = m.__dict__
+        if attrs["_forward_hooks"] or attrs["_forward_pre_hooks"]:
             return None
         # a weight set as a plain attribute (FSDP1's flat parameters), or a buffer that needs
         # grad: record the block instead. The built-ins above name theirs weight and bias.
-        attrs = m.__dict__
-        if (
-            isinstance(attrs.get("weight"), _Tensor)
-            or isinstance(attrs.get("bias"), _Tensor)
-            or (m._buffers and any(b is not None and b.requires_grad for b in m._buffers.values()))
+        if ("weight" in attrs and isinstance(attrs["weight"], _Tensor)) or (
+            "bias" in attrs and isinstance(attrs["bias"], _Tensor)
         ):
             return None
-        for name, p in m._parameters.items():
+        buffers = attrs["_buffers"]
+        if buffers and any(b is not None and b.requires_grad for b in buffers.values()):
+            return None
+        for name, p in attrs["_parameters"].items():
             if p is not None and p.requires_grad and id(p) not in params:
                 params[id(p)] = p
                 slots.append((m, name))
+        for child in attrs["_modules"].values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                order.append(child)
     _SLOTS[fn] = slots
     _MODE_DEPENDENT[fn] = modal
     return list(params.values()), random
