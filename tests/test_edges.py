@@ -30,6 +30,7 @@ import torch.autograd.forward_ad as fwAD
 import invfunc as inv
 from _cases import Cases
 from _util import F64, assert_all_close, freed
+from invfunc._storage import Freed
 
 INPLACE = "modified by an inplace operation"
 
@@ -570,6 +571,14 @@ def _saved(h: torch.Tensor) -> torch.Tensor:
     return torch.load(buf).detach()  # type: ignore[no-any-return]
 
 
+def _set_source(h: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(0, dtype=h.dtype).set_(h)
+    # set_ regrows a freed storage uninitialised: what it then holds depends on the
+    # allocator (sometimes the old values), so check the cause, not the garbage
+    assert type(h) is not Freed, "set_ took h's storage without rebuilding h first"
+    return out.detach().clone()
+
+
 READS: dict[str, tuple[Callable[[torch.Tensor], Any], bool]] = {
     "numpy": (lambda h: torch.from_numpy(h.detach().numpy().copy()), False),
     "numpy_of_a_data_leaf": (lambda h: torch.from_numpy(h.numpy().copy()), True),
@@ -583,7 +592,7 @@ READS: dict[str, tuple[Callable[[torch.Tensor], Any], bool]] = {
     "clone": (lambda h: h.clone().detach(), False),
     "from_dlpack": (lambda h: torch.from_dlpack(h.detach()).clone(), False),
     "to_dlpack_of_a_data_leaf": (lambda h: torch.from_dlpack(torch.utils.dlpack.to_dlpack(h)).clone(), True),
-    "set_source": (lambda h: torch.empty(0, dtype=h.dtype).set_(h).detach().clone(), False),
+    "set_source": (lambda h: _set_source(h), False),
 }
 # Known limits, documented in docs/sharp-bits.md: these two reach the storage without going
 # through __torch_function__ (PyTorch calls no override for them), so a freed h cannot be
@@ -593,8 +602,9 @@ BUGS["read_to_dlpack_of_a_data_leaf"] = (
     "so h is not rebuilt and the export reads freed memory (segfault)"
 )
 BUGS["read_set_source"] = (
-    "not interceptable: Tensor.set_(freed h) calls no __torch_function__ for its source; set_ "
-    "regrows the freed storage uninitialised, the rebuild then skips it: h and the gradients are garbage"
+    "not interceptable: Tensor.set_(freed h) calls no __torch_function__ for its source, so h "
+    "is not rebuilt first; set_ regrows the freed storage uninitialised, the rebuild then skips "
+    "it: h and the gradients are garbage (or, by the allocator's chance, the old values)"
 )
 
 for _name, (_read, _leaf) in READS.items():
