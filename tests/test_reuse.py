@@ -299,3 +299,40 @@ def test_pair_boundaries_nobody_holds_lend_their_memory(adopts: list[int]) -> No
 
     assert_all_close(grads(True), grads(False), **F64)
     assert adopts[0] == 2 * (DEPTH - 1)  # both halves of every boundary between two calls
+
+
+@pytest.mark.parametrize("one_sided", [False, True])
+def test_one_gradient_tensor_handed_to_two_calls(one_sided: bool) -> None:
+    # AddBackward hands the very same gradient tensor to both summands: the call whose
+    # backward runs first must not write over what the other still reads.
+    torch.manual_seed(0)
+    blocks = [inv.couple(mlp(3).double(), None if one_sided else mlp(3).double()) for _ in range(4)]
+    params = [p for b in blocks for m in (b.F, b.G) if m is not None for p in m.parameters()]  # type: ignore[attr-defined]
+    x = torch.randn(4, 6, dtype=torch.float64)
+
+    def grads(call: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
+        xi = x.detach().requires_grad_()
+        a, b = xi * 1, xi * 2
+        for blk in blocks[:2]:
+            a = call(blk, a)
+        for blk in blocks[2:]:
+            b = call(blk, b)
+        return list(torch.autograd.grad((a + b).sum(), [xi, *params]))
+
+    assert_all_close(grads(inv.invertible_call), grads(lambda blk, h: blk(h)), **F64)
+
+
+def test_one_gradient_tensor_for_both_halves_of_a_pair() -> None:
+    # (y1 + y2).sum(): y1 and y2 get the same gradient tensor; writing gz1 into it would
+    # change gy2 under the coupling's feet.
+    blocks, params = _blocks()
+    x = torch.randn(4, 6, dtype=torch.float64)
+
+    def grads(invertible: bool) -> list[torch.Tensor]:
+        xi = x.detach().requires_grad_()
+        h = (xi[:, :3] * 1, xi[:, 3:] * 1)
+        for b in blocks:
+            h = inv.invertible_call(b, *h) if invertible else b(*h)
+        return list(torch.autograd.grad((h[0] + h[1]).sum(), [xi, *params]))
+
+    assert_all_close(grads(True), grads(False), **F64)
