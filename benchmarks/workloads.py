@@ -64,6 +64,7 @@ CONFIGS = (
     "invfunc",
     "invfunc-per-block",
     "invfunc-input-kept",
+    "invfunc-per-block-pairs",
 )
 
 #: Peer configurations: the module to import and the version BENCHMARK.md measured.
@@ -78,6 +79,7 @@ LABELS = {
     "invfunc": "invfunc (one call)",
     "invfunc-per-block": "invfunc (call per block)",
     "invfunc-input-kept": "invfunc (one call, input kept)",
+    "invfunc-per-block-pairs": "invfunc (call per block on pairs, input kept)",
 }
 
 #: Per workload: what it is, its default sizes and what ``--hidden`` means there.

@@ -65,7 +65,14 @@ __all__ = [
 ]
 
 #: The configurations :func:`coupled_model` builds, all with the same math.
-CONFIGS = ("plain", "checkpoint", "invfunc", "invfunc-per-block", "invfunc-input-kept")
+CONFIGS = (
+    "plain",
+    "checkpoint",
+    "invfunc",
+    "invfunc-per-block",
+    "invfunc-input-kept",
+    "invfunc-per-block-pairs",
+)
 
 _MiB = 1024.0 * 1024.0
 _CHILD = "import sys; from invfunc._measure import _child_main; _child_main(sys.argv[1], sys.argv[2])"
@@ -325,8 +332,10 @@ def coupled_model(
             (``torch.utils.checkpoint``, non-reentrant, one per block), ``"invfunc"``
             (one :func:`invfunc.invertible_call` over a :func:`invfunc.chain`, the input
             batch named in ``free=``, as InvTorch frees its input),
-            ``"invfunc-per-block"`` (one call per block, the first with ``free=``) or
-            ``"invfunc-input-kept"`` (one call, the input batch kept: the default).
+            ``"invfunc-per-block"`` (one call per block, the first with ``free=``),
+            ``"invfunc-input-kept"`` (one call, the input batch kept: the default) or
+            ``"invfunc-per-block-pairs"`` (one call per block on the pair of halves: the
+            batch split into two views, kept, and the output halves joined at the end).
         pairs: the ``(F, G)`` of each block, in order.
         dim: the dimension the input is split along.
 
@@ -365,6 +374,15 @@ def coupled_model(
             return x
 
         return per_block
+    if config == "invfunc-per-block-pairs":
+
+        def per_block_pairs(x: torch.Tensor) -> torch.Tensor:
+            h = x.chunk(2, dim)  # views of the batch: kept, as in the input-kept row
+            for block in blocks:
+                h = invertible_call(block, *h)
+            return torch.cat(h, dim)
+
+        return per_block_pairs
     raise ValueError(f"coupled_model({config!r}, ...): unknown config; expected one of {', '.join(CONFIGS)}.")
 
 
