@@ -1052,7 +1052,7 @@ def apply_block(
     inputs = (*data, *param_tensors, *captured)
     state.precomputed = outs
     state.seen = inputs
-    if torch._C._are_functorch_transforms_active():
+    if _functorch_active():
         result = _BlockFunction.apply(state, *inputs)  # type: ignore[no-untyped-call]
     elif any(_is_wrapped(t) for t in inputs):  # a tensor leaked from a transform: apply unwraps it
         result = _BlockFunctionEager.apply(state, *inputs)  # type: ignore[no-untyped-call]

@@ -436,7 +436,7 @@ def static_reads(fn: object) -> tuple[list[_Tensor], bool] | None:
     Only trees of the built-in modules above, with no hooks, qualify (NOTE [Static
     discovery]): anything else is recorded by running it under :class:`Tracer`. This
     walk runs on every forward of a block (PyTorch offers no cheap way to see that a
-    module tree changed), so it is written for speed: one pass, parents first.
+    module tree changed), so it is written for speed.
     """
     if not isinstance(fn, _nn.Module):
         return None
@@ -449,9 +449,7 @@ def static_reads(fn: object) -> tuple[list[_Tensor], bool] | None:
     random = False
     modal: list[_nn.Module] = []
     pure, draws = _PURE_MODULES, _RANDOM_MODULES
-    order = [fn]
-    seen = {id(fn)}
-    for m in order:  # grows while it is walked: each module once, parents first
+    for m in _modules(fn):
         kind = type(m)
         if kind not in pure:
             if kind not in draws:
@@ -474,10 +472,6 @@ def static_reads(fn: object) -> tuple[list[_Tensor], bool] | None:
             if p is not None and p.requires_grad and id(p) not in params:
                 params[id(p)] = p
                 slots.append((m, name))
-        for child in attrs["_modules"].values():
-            if child is not None and id(child) not in seen:
-                seen.add(id(child))
-                order.append(child)
     _SLOTS[fn] = slots
     _MODE_DEPENDENT[fn] = modal
     return list(params.values()), random
