@@ -335,3 +335,121 @@ def test_one_gradient_tensor_for_both_halves_of_a_pair() -> None:
         return (y1 + y2).sum()
 
     assert_all_close(_pair_grads(loss, invertible=True), _pair_grads(loss, invertible=False), **F64)
+
+
+# -- the forward: sums written into F's and G's outputs (NOTE [Outputs nobody holds]) ----
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _recording(fn: Fn, seen: list[int]) -> Fn:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = fn(x)
+        seen.append(out.data_ptr())
+        return out
+
+    return run
+
+
+def test_pair_outputs_are_written_into_outputs_nobody_holds() -> None:
+    torch.manual_seed(0)
+    F, G = mlp(3).double(), mlp(3).double()
+    f_ptrs: list[int] = []
+    g_ptrs: list[int] = []
+    block = inv.couple(_recording(F, f_ptrs), _recording(G, g_ptrs))
+    x1 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y1, y2 = inv.invertible_call(block, x1, x2)
+    assert (y1.data_ptr(), y2.data_ptr()) == (f_ptrs[0], g_ptrs[0])  # no fresh memory for the sums
+    ref1 = x1 + F(x2)
+    assert_all_close(y1, ref1, **F64)
+    assert_all_close(y2, x2 + G(ref1), **F64)
+    wrt = [x1, x2, *F.parameters(), *G.parameters()]
+    got = torch.autograd.grad((y1 * y2).sum(), wrt)
+    want = torch.autograd.grad((ref1 * (x2 + G(ref1))).sum(), wrt)
+    for a, b in zip(got, want):
+        assert_all_close(a, b, **F64)
+
+
+def _keep_in_list(store: list[torch.Tensor]) -> Callable[[Fn], Fn]:
+    def wrap(fn: Fn) -> Fn:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            out = fn(x)
+            store.append(out)
+            return out
+
+        return run
+
+    return wrap
+
+
+def _keep_by_hook(store: list[torch.Tensor]) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    def wrap(m: torch.nn.Module) -> torch.nn.Module:
+        m.register_forward_hook(lambda mod, args, out: store.append(out))
+        return m
+
+    return wrap
+
+
+def _keep_alias(store: list[torch.Tensor]) -> Callable[[Fn], Fn]:
+    def wrap(fn: Fn) -> Fn:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            out = fn(x)
+            store.append(out.view(out.shape) if len(store) % 2 else out.detach())  # a view holds
+            # its base's TensorImpl; a detached alias holds only its storage
+            return out
+
+        return run
+
+    return wrap
+
+
+@pytest.mark.parametrize("holder", [_keep_in_list, _keep_by_hook, _keep_alias])
+def test_outputs_someone_holds_keep_their_values(holder: Callable[..., Callable[..., object]]) -> None:
+    torch.manual_seed(0)
+    F, G = mlp(3).double(), mlp(3).double()
+    store: list[torch.Tensor] = []
+    wrap = holder(store)
+    block = inv.couple(wrap(F), wrap(G))  # type: ignore[arg-type]
+    x1 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y1, y2 = inv.invertible_call(block, x1, x2)
+    with torch.no_grad():
+        f = F(x2)
+        assert_all_close(store[0], f, **F64)  # still F's output, not the sum written over it
+        assert_all_close(store[1], G(x1 + f), **F64)
+    assert store[0].data_ptr() != y1.data_ptr() and store[1].data_ptr() != y2.data_ptr()
+
+
+def test_outputs_held_weakly_keep_their_values() -> None:
+    import weakref
+
+    torch.manual_seed(0)
+    F, G = mlp(3).double(), mlp(3).double()
+    refs: list[weakref.ref[torch.Tensor]] = []
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        out = F(x)
+        refs.append(weakref.ref(out))
+        return out
+
+    block = inv.couple(f, G)
+    x1 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y1, _ = inv.invertible_call(block, x1, x2)
+    held = refs[0]()
+    assert held is None or torch.equal(held, F(x2).detach())  # never the sum written over it
+    assert held is not y1
+
+
+def test_outputs_of_another_dtype_are_not_written_over() -> None:
+    torch.manual_seed(0)
+    F, G = mlp(3), mlp(3)  # float32 halves of a float64 stream: the sums promote
+    block = inv.couple(lambda x: F(x.float()), lambda x: G(x.float()))
+    x1 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y1, y2 = inv.invertible_call(block, x1, x2)
+    assert y1.dtype == y2.dtype == torch.float64
+    ref1 = x1 + F(x2.float())
+    assert_all_close(y1, ref1, **F64)
+    assert_all_close(y2, x2 + G(ref1.float()), **F64)

@@ -15,6 +15,7 @@ from ._autograd import (
     _generic_vjp,
     _is_wrapped,
     drop_if_unread,
+    owned,
     rebuild,
     section_vjp,
 )
@@ -244,14 +245,20 @@ class Coupling(Invertible):
         check = self._check_half
         if len(args) == 2:
             x1, x2 = args[0].detach(), args[1].detach()
+            # NOTE [Outputs nobody holds]: the sums are written into F's and G's outputs
+            # when nobody else holds them (plain tensors, no forward-mode AD)
+            reuse = torch.autograd.forward_ad._current_level < 0
             with section("F"):
                 f = self.F(x2)
-            y1 = x1 + check(f, "F", x2)
+            check(f, "F", x2)
+            y1 = f.add_(x1) if reuse and owned(f, x1) else x1 + f
+            del f
             if self.G is None:
                 return y1, x2
             with section("G"):
                 g = self.G(y1)
-            return y1, x2 + check(g, "G", y1)
+            check(g, "G", y1)
+            return y1, g.add_(x2) if reuse and owned(g, x2) else x2 + g
         x = args[0]
         if _is_wrapped(x) or torch.autograd.forward_ad._current_level >= 0:  # torch.func, dual tensors:
             # no out= writes (they take neither wrapped nor dual tensors)
