@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from tests._util import F64, assert_all_close, mlp
+from tests._util import F64, assert_all_close, freed, mlp
 
 import invfunc as inv
 from invfunc import _combinators
@@ -453,3 +453,103 @@ def test_outputs_of_another_dtype_are_not_written_over() -> None:
     ref1 = x1 + F(x2.float())
     assert_all_close(y1, ref1, **F64)
     assert_all_close(y2, x2 + G(ref1.float()), **F64)
+
+
+# -- the forward: a single tensor's output in the memory of the input it replaces ---------
+# (NOTE [Outputs in the memory of the input they replace])
+
+
+def _one_block(one_sided: bool = False) -> tuple[inv.Invertible, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    F, G = mlp(3).double(), mlp(3).double()
+    block = inv.couple(F) if one_sided else inv.couple(F, G)
+    return block, [*F.parameters(), *([] if one_sided else G.parameters())]
+
+
+@pytest.mark.parametrize("one_sided", [False, True])
+def test_output_takes_the_memory_of_the_input_it_frees(one_sided: bool) -> None:
+    block, params = _one_block(one_sided)
+    x0 = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    h = x0 * 2  # a boundary the call may free
+    where = h.data_ptr()
+    y = inv.invertible_call(block, h)
+    assert y.data_ptr() == where  # no fresh memory for the output
+    assert freed(h)
+    assert_all_close(y, block(x0 * 2), **F64)
+    got = torch.autograd.grad(y.square().sum(), [x0, *params])
+    want = torch.autograd.grad(block(x0 * 2).square().sum(), [x0, *params])
+    assert_all_close(got, want, **F64)
+
+
+def test_a_lent_input_is_rebuilt_when_read() -> None:
+    block, params = _one_block()
+    x0 = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    h = x0 * 2
+    y = inv.invertible_call(block, h)
+    y_before = y.detach().clone()
+    assert_all_close(h * 1, x0 * 2, **F64)  # read: rebuilt from y by the inverse
+    assert torch.equal(y, y_before)  # and the output is untouched by the rebuild
+    got = torch.autograd.grad((y.square().sum() + h.sum()), [x0, *params])
+    ref_h = x0 * 2
+    want = torch.autograd.grad((block(ref_h).square().sum() + ref_h.sum()), [x0, *params])
+    assert_all_close(got, want, **F64)
+
+
+def _hold_view(h: torch.Tensor) -> object:
+    return h[:1]
+
+
+def _hold_alias(h: torch.Tensor) -> object:
+    return h.detach()
+
+
+@pytest.mark.parametrize(
+    "how", ["keep=", "a view", "a detached alias", "a leaf not named in free=", "no grad needed"]
+)
+def test_an_input_that_is_kept_keeps_its_memory_and_values(how: str) -> None:
+    block, params = _one_block()
+    x0 = torch.randn(4, 6, dtype=torch.float64, requires_grad=how != "no grad needed")
+    h = x0 if how == "a leaf not named in free=" else x0 * 2
+    held = _hold_view(h) if how == "a view" else _hold_alias(h) if how == "a detached alias" else None
+    before = h.detach().clone()
+    where = h.data_ptr()
+    if how == "no grad needed":
+        for p in params:
+            p.requires_grad_(False)
+    y = inv.invertible_call(block, h, keep=[0] if how == "keep=" else [])
+    assert y.data_ptr() != where and not freed(h)
+    assert torch.equal(h.detach(), before)  # never written
+    if held is not None:
+        assert held.data_ptr() == where  # type: ignore[attr-defined]
+    assert_all_close(y, block(before), **F64)
+
+
+def test_lending_under_verify_and_explain() -> None:
+    block, _ = _one_block()
+    x0 = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    h = x0 * 2
+    with inv.explain() as rep:
+        y = inv.invertible_call(block, h, verify="raise")
+    assert [n for *_, n in rep.freed] == [h.numel() * h.element_size()]
+    y.square().sum().backward()  # the drift check compares with the input before it lent its memory
+    assert x0.grad is not None
+
+
+def test_a_chain_of_one_calls_with_a_second_backward() -> None:
+    blocks, params = _blocks()
+    x0 = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    h = x0 * 1
+    ptrs = []
+    for b in blocks:
+        ptrs.append(h.data_ptr())
+        h = inv.invertible_call(b, h)
+    assert h.data_ptr() == ptrs[0]  # one buffer passed down the whole stack
+    loss = h.square().sum()
+    got1 = torch.autograd.grad(loss, [x0, *params], retain_graph=True)
+    got2 = torch.autograd.grad(loss, [x0, *params])
+    ref = x0 * 1
+    for b in blocks:
+        ref = b(ref)
+    want = torch.autograd.grad(ref.square().sum(), [x0, *params])
+    assert_all_close(got1, want, **F64)
+    assert_all_close(got2, want, **F64)

@@ -119,6 +119,7 @@ class BlockState:
         "handles",
         "in_meta",
         "kept",
+        "lent",
         "live",
         "modes",
         "n_data",
@@ -173,6 +174,9 @@ class BlockState:
         self.reports: tuple[_Explain, ...] = tuple(_reports())  # explain() regions of the forward
         # inputs that were not freed: a weak reference and the version seen in the forward
         self.live: list[tuple[weakref.ref[torch.Tensor], int] | None] | None = None
+        # the handle of the data input whose memory now holds the output (NOTE [Outputs in
+        # the memory of the input they replace]); _free_inputs finishes freeing it
+        self.lent: StorageHandle | None = None
 
     def live_inputs(self) -> list[torch.Tensor | None]:
         """The data inputs that were kept (not freed) and still hold the values the forward
@@ -665,32 +669,32 @@ def _plain_buffer(g: torch.Tensor) -> bool:
     )
 
 
-def owned(t: torch.Tensor, like: torch.Tensor) -> bool:
+def owned(t: torch.Tensor, like: torch.Tensor, refs: int) -> bool:
     """True when ``t``, just returned by a user's function, can be written over in place
-    (with a result of ``like``'s dtype and device) without anyone noticing.
+    (with a result of ``like``'s dtype and device) without anyone noticing; ``refs`` is
+    ``sys.getrefcount(t)`` taken in the caller's frame, as ``owned(t, like,
+    sys.getrefcount(t))``.
 
     NOTE [Outputs nobody holds]: a coupling's ``y1 = x1 + F(x2)`` is written into F's
     output when nothing but the caller's local variable holds it: the same tensor facts
     as for an incoming gradient (:func:`_plain_buffer`: one TensorImpl reference, alone
     on its dense storage, no weak reference, not a view), and no Python reference but the
     caller's (a forward hook or a closure that kept it adds one; the count is measured at
-    import, :data:`_OWNED_REFS`). Float addition commutes, so ``f.add_(x1)`` holds the
-    bits ``x1 + f`` would have; only the fresh memory is saved."""
-    return (
-        sys.getrefcount(t) == _OWNED_REFS
-        and t.dtype == like.dtype
-        and t.device == like.device
-        and _plain_buffer(t)
-    )
+    import, :data:`_OWNED_REFS`). The count is taken in the caller's frame, not in a
+    function it calls: a frame-evaluation hook left installed (``torch.compile`` leaves
+    one after a ``fullgraph=True`` failure) adds a reference to a callee's arguments.
+    Float addition commutes, so ``f.add_(x1)`` holds the bits ``x1 + f`` would have;
+    only the fresh memory is saved."""
+    return refs == _OWNED_REFS and t.dtype == like.dtype and t.device == like.device and _plain_buffer(t)
 
 
-def _owned_refs(t: torch.Tensor) -> int:
-    return sys.getrefcount(t)  # the same frames as in owned(): a caller's local, this argument
+def _echo(t: torch.Tensor, like: None, refs: int) -> int:
+    return refs
 
 
 def _probe_owned_refs() -> int:
     t = torch.empty(1)
-    return _owned_refs(t)
+    return _echo(t, None, sys.getrefcount(t))  # the same stack as owned(f, x, sys.getrefcount(f))
 
 
 _OWNED_REFS = _probe_owned_refs()
@@ -924,6 +928,54 @@ def _rebuild_on_access(state_ref: weakref.ref[BlockState]) -> Callable[[], None]
 _NO_CONTEXT = nullcontext()
 
 
+class Pending:
+    """A coupling's single-tensor output ``y = cat(y1, x2 + g)`` not yet assembled.
+
+    NOTE [Outputs in the memory of the input they replace]: with one call per block, the
+    input ``x`` of a coupling is freed right after the block ran, and its output ``y``, of
+    the same shape, needs as much fresh memory (on CPU a page fault per 4 KiB). So the
+    block's output is first an empty shell (a tensor on a storage of no bytes) that goes
+    through the autograd Function; only then, when ``x`` turns out freed, ``y`` is written
+    into ``x``'s memory (``x2 += g`` in place, ``y1`` copied over ``x1``) and that memory is
+    moved to ``y``'s storage, leaving ``x``'s storage as freeing leaves it. Nothing of
+    ``x`` is written before its freeing is certain and every check that can fail has
+    passed; when it is kept, ``y`` gets fresh memory. ``y1`` was computed apart (into F's
+    output when nobody holds it), so that G reads a contiguous half."""
+
+    __slots__ = ("d", "g", "out", "x", "y1")
+
+    def __init__(self, x: torch.Tensor, y1: torch.Tensor, g: torch.Tensor | None, d: int) -> None:
+        self.x, self.y1, self.g, self.d = x, y1, g, d
+        shell = torch.UntypedStorage(0, device=x.device)  # type: ignore[no-untyped-call]
+        self.out = torch.empty(0, dtype=x.dtype, device=x.device).set_(shell, 0, x.size(), x.stride())
+
+    def finish(self, into: StorageHandle | None) -> None:
+        """Write the output into ``into`` (the freed input's handle, before its memory is
+        released) and move that memory to the output; or, with None, into fresh memory."""
+        x, y1, g, d = self.x, self.y1, self.g, self.d
+        self.x = self.y1 = self.g = None  # type: ignore[assignment]
+        h = y1.size(d)
+        storage = self.out.untyped_storage()
+        if into is not None:
+            mem = into.view()  # x's memory, through a tensor with its own version counter
+            m1, m2 = mem.narrow(d, 0, h), mem.narrow(d, h, h)
+            if g is not None:
+                m2.add_(g)  # x2 is there already
+            m1.copy_(y1)
+            del mem, m1, m2
+            storage._swap_data_ptr_(into.storage)  # type: ignore[attr-defined]
+            return
+        storage.resize_(x.numel() * x.element_size())
+        mem = torch.empty(0, dtype=x.dtype, device=x.device).set_(storage, 0, x.size(), x.stride())
+        m1, m2 = mem.narrow(d, 0, h), mem.narrow(d, h, h)
+        m1.copy_(y1)
+        x2 = x.detach().narrow(d, h, h)
+        if g is not None:
+            torch.add(x2, g, out=m2)
+        else:
+            m2.copy_(x2)
+
+
 def _no_section(name: str) -> AbstractContextManager[None]:
     return _NO_CONTEXT
 
@@ -940,11 +992,15 @@ def apply_block(
     previous: BlockState | None = None,
     policy: tuple[str, float | None] = ("off", None),
     label: str | None = None,
+    lend: Callable[[torch.Tensor], bool] | None = None,
 ) -> tuple[Any, bool, BlockState | None]:
     """Run one block; return (outputs as a tuple, whether it returned a single tensor, its state).
 
     ``leaves`` says which leaf inputs may be freed (those created inside the call); the
-    caller's own inputs are freed by :func:`free_call_inputs` once every block ran."""
+    caller's own inputs are freed by :func:`free_call_inputs` once every block ran.
+    ``lend`` says whether the caller's single data input will be freed right after this
+    block (a call of one block): its memory may then hold the output (NOTE [Outputs in
+    the memory of the input they replace])."""
     n_data = block._n_data(args)
     data = tuple(args[:n_data])
     params = args[n_data:]
@@ -1007,6 +1063,10 @@ def apply_block(
                 out = block._run(args, section)
         else:
             out = block._run(args, section)
+        pending = None
+        if type(out) is Pending:
+            pending = out
+            out = pending.out
     single = isinstance(out, torch.Tensor)
     outs = (out,) if single else out
     if not isinstance(outs, tuple) or not all(isinstance(o, torch.Tensor) for o in outs):
@@ -1015,6 +1075,8 @@ def apply_block(
             "invertible function must return a tensor or a tuple of tensors."
         )
     if not torch.is_grad_enabled():
+        if pending is not None:
+            pending.finish(None)
         return outs, single, None
     known = {id(t) for t in data}
     known.update(id(p) for p in param_tensors)
@@ -1040,6 +1102,8 @@ def apply_block(
         and not any(t.requires_grad for t in data)
         and not any(p.requires_grad for p in param_tensors)
     ):
+        if pending is not None:
+            pending.finish(None)
         return outs, single, None  # nothing requires grad: a plain call
     if static is None:
         for name, gens in tracer.generators.items():
@@ -1088,6 +1152,11 @@ def apply_block(
         result = _BlockFunctionEager.apply(state, *inputs)  # type: ignore[no-untyped-call]
     else:  # Function.apply's Python wrapper does nothing more here (~3 us a call)
         result = _EAGER_APPLY(state, *inputs)
+    if pending is not None:
+        x = data[0]
+        if mode == "invertible" and lend is not None and lend(x):
+            state.lent = StorageHandle(x, guard)
+        pending.finish(state.lent)
     if previous is not None:
         previous.next_ref = weakref.ref(state)
     if mode == "invertible" and not guard:
@@ -1130,9 +1199,15 @@ def _free_inputs(
         if id(t) in by_id:
             handles[i] = by_id[id(t)]
             continue
-        reason = (
-            "named in keep=" if keep(i, t) else free_reason(t, leaf_ok=leaves is not None and leaves(i, t))
-        )
+        lent = state.lent if i == 0 else None
+        if lent is not None:  # already decided, its memory already moved to the output
+            reason = None
+        else:
+            reason = (
+                "named in keep="
+                if keep(i, t)
+                else free_reason(t, leaf_ok=leaves is not None and leaves(i, t))
+            )
         if reason is not None:
             for rep in reports:
                 rep.kept.append((state.name, i, reason))
@@ -1141,7 +1216,7 @@ def _free_inputs(
                     state.live = [None] * len(data)
                 state.live[i] = (weakref.ref(t), t._version)
             continue
-        h = StorageHandle(t, guard)
+        h = lent if lent is not None else StorageHandle(t, guard)
         producer = _producer(t)
         if producer is not None:
             producer.link(t.output_nr, h)

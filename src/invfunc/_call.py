@@ -14,6 +14,7 @@ from ._core import Invertible, _name
 from ._errors import InvertibilityWarning
 from ._modes import check_mode, current_mode
 from ._replay import AutocastState
+from ._storage import free_reason
 from ._verify import check_policy, current_policy
 
 __all__ = ["invertible_call"]
@@ -166,6 +167,14 @@ def _call(
     single = False
     state = first = None
     labels = _labels(blocks)
+    lend = None
+    if run_mode == "invertible" and len(blocks) == 1:
+        # the caller's input is freed right after the one block: its memory may hold the
+        # output (NOTE [Outputs in the memory of the input they replace])
+
+        def lend(t: torch.Tensor) -> bool:
+            return not keep_input(0, t) and free_reason(t, leaf_ok=free_leaf(0, t)) is None
+
     for k, block in enumerate(blocks):
         cur = out if not single else (out,)
         if k == len(blocks) - 1:
@@ -182,6 +191,7 @@ def _call(
             previous=state,
             policy=policy,
             label=label,
+            lend=lend,
         )
         if k == 0:
             first = state  # the block that received the caller's inputs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 
 from ._autograd import (
     BlockState,
+    Pending,
     _fast_path,
     _generic_vjp,
     _is_wrapped,
@@ -251,14 +253,14 @@ class Coupling(Invertible):
             with section("F"):
                 f = self.F(x2)
             check(f, "F", x2)
-            y1 = f.add_(x1) if reuse and owned(f, x1) else x1 + f
+            y1 = f.add_(x1) if reuse and owned(f, x1, sys.getrefcount(f)) else x1 + f
             del f
             if self.G is None:
                 return y1, x2
             with section("G"):
                 g = self.G(y1)
             check(g, "G", y1)
-            return y1, g.add_(x2) if reuse and owned(g, x2) else x2 + g
+            return y1, g.add_(x2) if reuse and owned(g, x2, sys.getrefcount(g)) else x2 + g
         x = args[0]
         if _is_wrapped(x) or torch.autograd.forward_ad._current_level >= 0:  # torch.func, dual tensors:
             # no out= writes (they take neither wrapped nor dual tensors)
@@ -270,6 +272,20 @@ class Coupling(Invertible):
             with section("G"):
                 return torch.cat([y1, x2 + check(self.G(y1), "G", y1)], d)
         x1, x2, d = self._split(x.detach(), "the input")
+        if type(x) is torch.Tensor and x.device.type in ("cpu", "cuda") and x.is_contiguous():
+            # NOTE [Outputs in the memory of the input they replace]: y1 apart (in F's
+            # output when nobody holds it), y assembled once the input's fate is known
+            with section("F"):
+                f = self.F(x2)
+            check(f, "F", x2)
+            y1 = f.add_(x1) if owned(f, x1, sys.getrefcount(f)) else x1 + f
+            del f, x1, x2
+            if self.G is None:
+                return Pending(x, y1, None, d)
+            with section("G"):
+                g = self.G(y1)
+            check(g, "G", y1)
+            return Pending(x, y1, g, d)
         y = torch.empty_like(x)
         y1, y2 = y.split_with_sizes([x1.size(d), x1.size(d)], d)
         with section("F"):

@@ -156,11 +156,12 @@ class StorageHandle:
         self.linked = False  # registered with the block that produced the tensor
 
     def free(self, rebuild: Callable[[], None] | None) -> None:
-        if self.storage.device.type == "cuda":
-            # kernels queued on this stream may still read the memory: the caching
-            # allocator must not hand it out on the stream it was allocated on before then
-            self.view().record_stream(torch.cuda.current_stream(self.storage.device))
-        self.storage.resize_(0)
+        if self.storage.nbytes() != 0:  # (none when its memory was moved to an output)
+            if self.storage.device.type == "cuda":
+                # kernels queued on this stream may still read the memory: the caching
+                # allocator must not hand it out on the stream it was allocated on before then
+                self.view().record_stream(torch.cuda.current_stream(self.storage.device))
+            self.storage.resize_(0)
         t = self.tensor
         if t is not None:
             _set_version((t,), (self.version + 1,))
