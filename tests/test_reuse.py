@@ -342,6 +342,12 @@ def test_one_gradient_tensor_for_both_halves_of_a_pair() -> None:
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
 
+@pytest.fixture(autouse=True)
+def _reuse_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests' tensors are small: let the forward reuse memory of any size."""
+    monkeypatch.setattr(_combinators, "REUSE_MIN_BYTES", 0)
+
+
 def _recording(fn: Fn, seen: list[int]) -> Fn:
     def run(x: torch.Tensor) -> torch.Tensor:
         out = fn(x)
@@ -553,3 +559,23 @@ def test_a_chain_of_one_calls_with_a_second_backward() -> None:
     want = torch.autograd.grad(ref.square().sum(), [x0, *params])
     assert_all_close(got1, want, **F64)
     assert_all_close(got2, want, **F64)
+
+
+def test_small_tensors_get_fresh_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    # below REUSE_MIN_BYTES an allocation costs less than the checks
+    monkeypatch.setattr(_combinators, "REUSE_MIN_BYTES", 1 << 16)
+    block, _ = _one_block()
+    h = torch.randn(4, 6, dtype=torch.float64, requires_grad=True) * 2
+    where = h.data_ptr()
+    y = inv.invertible_call(block, h)
+    assert y.data_ptr() != where and freed(h)
+
+
+def test_a_large_input_lends_its_memory_at_the_default_threshold() -> None:
+    torch.manual_seed(0)
+    n = (1 << 16) // 8  # float64 halves of 64 KiB each
+    block = inv.couple(torch.tanh, torch.sin)
+    h = torch.randn(1, 2 * n, dtype=torch.float64, requires_grad=True) * 2
+    where = h.data_ptr()
+    y = inv.invertible_call(block, h)
+    assert y.data_ptr() == where

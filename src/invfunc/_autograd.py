@@ -688,6 +688,12 @@ def owned(t: torch.Tensor, like: torch.Tensor, refs: int) -> bool:
     return refs == _OWNED_REFS and t.dtype == like.dtype and t.device == like.device and _plain_buffer(t)
 
 
+#: The smallest tensor (bytes) worth writing into memory that is already there rather
+#: than allocating: a smaller one comes from the allocator's free lists with no page
+#: faults, and the checks cost more (a few microseconds) than the allocation.
+REUSE_MIN_BYTES = 1 << 16
+
+
 def _echo(t: torch.Tensor, like: None, refs: int) -> int:
     return refs
 
@@ -946,8 +952,8 @@ class Pending:
 
     def __init__(self, x: torch.Tensor, y1: torch.Tensor, g: torch.Tensor | None, d: int) -> None:
         self.x, self.y1, self.g, self.d = x, y1, g, d
-        shell = torch.UntypedStorage(0, device=x.device)  # type: ignore[no-untyped-call]
-        self.out = torch.empty(0, dtype=x.dtype, device=x.device).set_(shell, 0, x.size(), x.stride())
+        self.out = torch.empty_like(x)  # x is contiguous: its layout; left untouched, so
+        self.out.untyped_storage().resize_(0)  # its pages were never faulted in
 
     def finish(self, into: StorageHandle | None) -> None:
         """Write the output into ``into`` (the freed input's handle, before its memory is
@@ -957,17 +963,18 @@ class Pending:
         h = y1.size(d)
         storage = self.out.untyped_storage()
         if into is not None:
-            mem = into.view()  # x's memory, through a tensor with its own version counter
-            m1, m2 = mem.narrow(d, 0, h), mem.narrow(d, h, h)
+            # x's memory; the writes bump x's version counter, which freeing x then sets
+            # to the one its handle recorded before them, plus one (NOTE [Refilling
+            # without a trace])
+            m1, m2 = x.detach().split_with_sizes([h, h], d)
             if g is not None:
                 m2.add_(g)  # x2 is there already
             m1.copy_(y1)
-            del mem, m1, m2
+            del m1, m2
             storage._swap_data_ptr_(into.storage)  # type: ignore[attr-defined]
             return
         storage.resize_(x.numel() * x.element_size())
-        mem = torch.empty(0, dtype=x.dtype, device=x.device).set_(storage, 0, x.size(), x.stride())
-        m1, m2 = mem.narrow(d, 0, h), mem.narrow(d, h, h)
+        m1, m2 = x.new_empty(0).set_(storage, 0, x.size(), x.stride()).split_with_sizes([h, h], d)
         m1.copy_(y1)
         x2 = x.detach().narrow(d, h, h)
         if g is not None:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ._autograd import (
+    REUSE_MIN_BYTES,
     BlockState,
     Pending,
     _fast_path,
@@ -249,7 +250,7 @@ class Coupling(Invertible):
             x1, x2 = args[0].detach(), args[1].detach()
             # NOTE [Outputs nobody holds]: the sums are written into F's and G's outputs
             # when nobody else holds them (plain tensors, no forward-mode AD)
-            reuse = torch.autograd.forward_ad._current_level < 0
+            reuse = torch.autograd.forward_ad._current_level < 0 and x1.nbytes >= REUSE_MIN_BYTES
             with section("F"):
                 f = self.F(x2)
             check(f, "F", x2)
@@ -272,7 +273,12 @@ class Coupling(Invertible):
             with section("G"):
                 return torch.cat([y1, x2 + check(self.G(y1), "G", y1)], d)
         x1, x2, d = self._split(x.detach(), "the input")
-        if type(x) is torch.Tensor and x.device.type in ("cpu", "cuda") and x.is_contiguous():
+        if (
+            type(x) is torch.Tensor
+            and x.device.type in ("cpu", "cuda")
+            and x.nbytes >= 2 * REUSE_MIN_BYTES
+            and x.is_contiguous()
+        ):
             # NOTE [Outputs in the memory of the input they replace]: y1 apart (in F's
             # output when nobody holds it), y assembled once the input's fate is known
             with section("F"):
