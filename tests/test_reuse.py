@@ -579,3 +579,47 @@ def test_a_large_input_lends_its_memory_at_the_default_threshold() -> None:
     where = h.data_ptr()
     y = inv.invertible_call(block, h)
     assert y.data_ptr() == where
+
+
+def test_boundaries_inside_a_mixed_chain_lend_their_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a chain that is not all couplings runs on single tensors (no pairs inside): each
+    # coupling after the first puts its output into the memory of its input
+    from invfunc import _autograd
+
+    lent = [0]
+    finish = _autograd.Pending.finish
+
+    def counting(self: _autograd.Pending, into: StorageHandle | None) -> None:
+        lent[0] += into is not None
+        finish(self, into)
+
+    monkeypatch.setattr(_autograd.Pending, "finish", counting)
+    torch.manual_seed(0)
+    couplings = [inv.couple(mlp(3).double(), mlp(3).double()) for _ in range(3)]
+    flip = inv.invertible(lambda x: x.flip(1), inverse=lambda y: y.flip(1))
+    net = inv.chain(couplings[0], flip, couplings[1], flip, couplings[2])
+    params = [p for b in couplings for m in (b.F, b.G) for p in m.parameters()]  # type: ignore[attr-defined]
+    x0 = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    y = inv.invertible_call(net, x0 * 2)
+    assert lent[0] == 2  # the couplings after a flip; the first one's input is the caller's
+    got = torch.autograd.grad(y.square().sum(), [x0, *params])
+    want = torch.autograd.grad(net(x0 * 2).square().sum(), [x0, *params])
+    assert_all_close(got, want, **F64)
+
+
+def test_a_view_between_blocks_of_a_chain_is_not_written_over() -> None:
+    # the boundary after a block that returns a view of its input shares the storage of
+    # the block before's output: it is kept (a view is never freed), so never written
+    torch.manual_seed(0)
+    couplings = [inv.couple(mlp(3).double(), mlp(3).double()) for _ in range(2)]
+    same = inv.invertible(lambda x: x.view(x.shape), inverse=lambda y: y.view(y.shape))
+    flip = inv.invertible(lambda x: x.flip(1), inverse=lambda y: y.flip(1))
+    net = inv.chain(couplings[0], flip, same, couplings[1])
+    params = [p for b in couplings for m in (b.F, b.G) for p in m.parameters()]  # type: ignore[attr-defined]
+    x0 = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    with inv.explain() as rep:
+        y = inv.invertible_call(net, x0 * 2)
+    assert any("view" in why for *_, why in rep.kept)
+    got = torch.autograd.grad(y.square().sum(), [x0, *params])
+    want = torch.autograd.grad(net(x0 * 2).square().sum(), [x0, *params])
+    assert_all_close(got, want, **F64)

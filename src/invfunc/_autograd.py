@@ -937,8 +937,9 @@ _NO_CONTEXT = nullcontext()
 class Pending:
     """A coupling's single-tensor output ``y = cat(y1, x2 + g)`` not yet assembled.
 
-    NOTE [Outputs in the memory of the input they replace]: with one call per block, the
-    input ``x`` of a coupling is freed right after the block ran, and its output ``y``, of
+    NOTE [Outputs in the memory of the input they replace]: with one call per block, or
+    between the blocks of a call, the input ``x`` of a coupling is freed right after the
+    block ran, and its output ``y``, of
     the same shape, needs as much fresh memory (on CPU a page fault per 4 KiB). So the
     block's output is first an empty shell (a tensor on a storage of no bytes) that goes
     through the autograd Function; only then, when ``x`` turns out freed, ``y`` is written
@@ -963,10 +964,9 @@ class Pending:
         h = y1.size(d)
         storage = self.out.untyped_storage()
         if into is not None:
-            # x's memory; the writes bump x's version counter, which freeing x then sets
-            # to the one its handle recorded before them, plus one (NOTE [Refilling
-            # without a trace])
-            m1, m2 = x.detach().split_with_sizes([h, h], d)
+            # x's memory, through a tensor with its own version counter: x's is shared
+            # with the producer's saved output, which a write must not look modified
+            m1, m2 = into.view().split_with_sizes([h, h], d)
             if g is not None:
                 m2.add_(g)  # x2 is there already
             m1.copy_(y1)
@@ -1005,9 +1005,9 @@ def apply_block(
 
     ``leaves`` says which leaf inputs may be freed (those created inside the call); the
     caller's own inputs are freed by :func:`free_call_inputs` once every block ran.
-    ``lend`` says whether the caller's single data input will be freed right after this
-    block (a call of one block): its memory may then hold the output (NOTE [Outputs in
-    the memory of the input they replace])."""
+    ``lend`` says whether the single data input will be freed right after this block (the
+    caller's, in a call of one block; any between blocks): its memory may then hold the
+    output (NOTE [Outputs in the memory of the input they replace])."""
     n_data = block._n_data(args)
     data = tuple(args[:n_data])
     params = args[n_data:]

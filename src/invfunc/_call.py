@@ -167,14 +167,17 @@ def _call(
     single = False
     state = first = None
     labels = _labels(blocks)
-    lend = None
-    if run_mode == "invertible" and len(blocks) == 1:
-        # the caller's input is freed right after the one block: its memory may hold the
-        # output (NOTE [Outputs in the memory of the input they replace])
 
-        def lend(t: torch.Tensor) -> bool:
-            return not keep_input(0, t) and free_reason(t, leaf_ok=free_leaf(0, t)) is None
+    # NOTE [Outputs in the memory of the input they replace]: an input freed right after
+    # its block (the caller's, in a call of one block; one between blocks of a call) may
+    # lend its memory to the block's output; these say whether it will be freed
+    def lend_callers(t: torch.Tensor) -> bool:
+        return not keep_input(0, t) and free_reason(t, leaf_ok=free_leaf(0, t)) is None
 
+    def lend_inner(t: torch.Tensor) -> bool:
+        return not keep_none(0, t) and free_reason(t, leaf_ok=inner_leaf(0, t)) is None
+
+    lend_first = lend_callers if len(blocks) == 1 else None
     for k, block in enumerate(blocks):
         cur = out if not single else (out,)
         if k == len(blocks) - 1:
@@ -191,7 +194,7 @@ def _call(
             previous=state,
             policy=policy,
             label=label,
-            lend=lend,
+            lend=None if run_mode != "invertible" else lend_first if k == 0 else lend_inner,
         )
         if k == 0:
             first = state  # the block that received the caller's inputs
