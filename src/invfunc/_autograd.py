@@ -999,15 +999,16 @@ def apply_block(
     previous: BlockState | None = None,
     policy: tuple[str, float | None] = ("off", None),
     label: str | None = None,
-    lend: Callable[[torch.Tensor], bool] | None = None,
+    lend: Callable[[int, torch.Tensor], bool] | None = None,
 ) -> tuple[Any, bool, BlockState | None]:
     """Run one block; return (outputs as a tuple, whether it returned a single tensor, its state).
 
     ``leaves`` says which leaf inputs may be freed (those created inside the call); the
     caller's own inputs are freed by :func:`free_call_inputs` once every block ran.
-    ``lend`` says whether the single data input will be freed right after this block (the
-    caller's, in a call of one block; any between blocks): its memory may then hold the
-    output (NOTE [Outputs in the memory of the input they replace])."""
+    ``lend`` is given when the data inputs are freed right after this block (the caller's,
+    in a call of one block; any between blocks): the ``leaves`` of that freeing. A single
+    input it will free may then lend its memory to the output (NOTE [Outputs in the
+    memory of the input they replace])."""
     n_data = block._n_data(args)
     data = tuple(args[:n_data])
     params = args[n_data:]
@@ -1161,7 +1162,7 @@ def apply_block(
         result = _EAGER_APPLY(state, *inputs)
     if pending is not None:
         x = data[0]
-        if mode == "invertible" and lend is not None and lend(x):
+        if mode == "invertible" and lend is not None and _kept_reason(0, x, keep, lend) is None:
             state.lent = StorageHandle(x, guard)
         pending.finish(state.lent)
     if previous is not None:
@@ -1191,6 +1192,16 @@ def free_call_inputs(
     _free_inputs(state, list(data[: state.n_data]), True, keep, leaves)
 
 
+def _kept_reason(
+    i: int,
+    t: torch.Tensor,
+    keep: Callable[[int, torch.Tensor], bool],
+    leaves: Callable[[int, torch.Tensor], bool] | None,
+) -> str | None:
+    """Why data input ``i`` is kept, or None if it is freed (NOTE [Freeing rules])."""
+    return "named in keep=" if keep(i, t) else free_reason(t, leaf_ok=leaves is not None and leaves(i, t))
+
+
 def _free_inputs(
     state: BlockState,
     data: Sequence[torch.Tensor],
@@ -1207,14 +1218,8 @@ def _free_inputs(
             handles[i] = by_id[id(t)]
             continue
         lent = state.lent if i == 0 else None
-        if lent is not None:  # already decided, its memory already moved to the output
-            reason = None
-        else:
-            reason = (
-                "named in keep="
-                if keep(i, t)
-                else free_reason(t, leaf_ok=leaves is not None and leaves(i, t))
-            )
+        # (a lent input was decided already, and its memory moved to the output)
+        reason = None if lent is not None else _kept_reason(i, t, keep, leaves)
         if reason is not None:
             for rep in reports:
                 rep.kept.append((state.name, i, reason))

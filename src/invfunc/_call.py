@@ -14,7 +14,6 @@ from ._core import Invertible, _name
 from ._errors import InvertibilityWarning
 from ._modes import check_mode, current_mode
 from ._replay import AutocastState
-from ._storage import free_reason
 from ._verify import check_policy, current_policy
 
 __all__ = ["invertible_call"]
@@ -167,17 +166,10 @@ def _call(
     single = False
     state = first = None
     labels = _labels(blocks)
-
-    # NOTE [Outputs in the memory of the input they replace]: an input freed right after
-    # its block (the caller's, in a call of one block; one between blocks of a call) may
-    # lend its memory to the block's output; these say whether it will be freed
-    def lend_callers(t: torch.Tensor) -> bool:
-        return not keep_input(0, t) and free_reason(t, leaf_ok=free_leaf(0, t)) is None
-
-    def lend_inner(t: torch.Tensor) -> bool:
-        return not keep_none(0, t) and free_reason(t, leaf_ok=inner_leaf(0, t)) is None
-
-    lend_first = lend_callers if len(blocks) == 1 else None
+    # NOTE [Outputs in the memory of the input they replace]: inputs freed right after
+    # their block (the caller's, in a call of one block; those between blocks) may lend
+    # their memory to its output; apply_block decides as that freeing will
+    lend_first = free_leaf if len(blocks) == 1 else None
     for k, block in enumerate(blocks):
         cur = out if not single else (out,)
         if k == len(blocks) - 1:
@@ -194,7 +186,7 @@ def _call(
             previous=state,
             policy=policy,
             label=label,
-            lend=None if run_mode != "invertible" else lend_first if k == 0 else lend_inner,
+            lend=None if run_mode != "invertible" else lend_first if k == 0 else inner_leaf,
         )
         if k == 0:
             first = state  # the block that received the caller's inputs
