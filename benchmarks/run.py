@@ -60,8 +60,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=1,
-        help="run every configuration this many times, in rounds over the whole table; its time is "
-        "the median of the rounds' medians (steadier on a shared machine; default 1)",
+        help="run every configuration this many times, in rounds over the whole table (every other "
+        "round in reverse order); its time / plain is the median over rounds of its ratio to plain "
+        "autograd's time in the same round (steadier on a shared machine; default 1)",
     )
     parser.add_argument("--configs", nargs="+", choices=W.CONFIGS, default=list(W.CONFIGS), metavar="CONFIG")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -184,23 +185,53 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                 bar.update(1)
             reference_grads.unlink(missing_ok=True)
         for r in range(1, args.rounds):
-            for row in rows:
-                bar.set_description(f"round {r + 1} D={row['depth']} {row['config']}")
-                if row["status"] == "ok":
-                    again = run_one(args, row["depth"], row["config"], Path(tmp, "round.pt"))
-                    if again["status"] == "ok":
-                        row["round_ms"].append(again["step_ms"])
-                bar.update(1)
+            for depth in args.depths:
+                at_depth = [row for row in rows if row["depth"] == depth]
+                # every other round in reverse order, so that no configuration is always
+                # measured right after plain autograd (the host's speed drifts)
+                for row in reversed(at_depth) if r % 2 else at_depth:
+                    bar.set_description(f"round {r + 1} D={depth} {row['config']}")
+                    if row["status"] == "ok":
+                        again = run_one(args, depth, row["config"], Path(tmp, "round.pt"))
+                        # a round that failed counts as missing for this row (and, for
+                        # plain autograd, for every row's ratio in that round)
+                        row["round_ms"].append(again["step_ms"] if again["status"] == "ok" else None)
+                    bar.update(1)
     if args.rounds > 1:
-        plain = {r["depth"]: r for r in rows if r["config"] == "plain" and r["status"] == "ok"}
-        for row in rows:
-            if row["round_ms"]:
-                row["step_ms"] = statistics.median(row["round_ms"])
-        for row in rows:
-            ref = plain.get(row["depth"])
-            if row["status"] == "ok" and ref is not None:
-                row["time_ratio"] = row["step_ms"] / ref["step_ms"]
+        paired_ratios(rows)
     return rows
+
+
+def paired_ratios(rows: list[dict[str, Any]]) -> None:
+    """Set each row's time from its rounds: ``step_ms`` is the median of the rounds' times,
+    ``round_ratio`` the ratio to plain autograd's time in the same round at the same depth,
+    and ``time_ratio`` the median of those ratios.
+
+    Pairing each round with plain autograd's from the same round cancels the host's drift
+    between rounds (minutes apart), which a ratio of two medians keeps.
+
+    Examples:
+        >>> rows = [
+        ...     {"config": "plain", "depth": 8, "status": "ok", "round_ms": [100.0, 150.0, 100.0]},
+        ...     {"config": "x", "depth": 8, "status": "ok", "round_ms": [120.0, 180.0, 130.0]},
+        ... ]
+        >>> paired_ratios(rows)
+        >>> rows[1]["round_ratio"], rows[1]["time_ratio"], rows[1]["step_ms"]
+        ([1.2, 1.2, 1.3], 1.2, 130.0)
+    """
+    plain = {r["depth"]: r["round_ms"] for r in rows if r["config"] == "plain" and r["status"] == "ok"}
+    for row in rows:
+        times = [t for t in row.get("round_ms", []) if t is not None]
+        if row["status"] != "ok" or not times:
+            continue
+        row["step_ms"] = statistics.median(times)
+        ref = plain.get(row["depth"])
+        if ref is None:
+            continue
+        ratios = [t / p for t, p in zip(row["round_ms"], ref) if t is not None and p is not None]
+        row["round_ratio"] = [round(q, 4) for q in ratios]
+        if ratios:
+            row["time_ratio"] = statistics.median(ratios)
 
 
 def _compare(row: dict[str, Any], ref: dict[str, Any], ref_grads: Path, grads: Path) -> None:
@@ -248,12 +279,15 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
         "max grad diff",
         "grads",
     ]
+    rounds = args.rounds > 1
+    if rounds:
+        detail_header.append("rounds (time / plain)")
     detail = []
     for d in ds:
         for c in args.configs:
             r = by[c, d]
             if r["status"] != "ok":
-                detail.append([W.LABELS[c], d, r["status"], *["-"] * 6])
+                detail.append([W.LABELS[c], d, r["status"], *["-"] * (7 if rounds else 6)])
                 continue
             match = r.get("grads_match")
             detail.append(
@@ -267,6 +301,7 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
                     _cell(r, "checksum", ".10g"),
                     _cell(r, "grad_diff", ".1e"),
                     "-" if match is None else ("match" if match else "MISMATCH"),
+                    *([" ".join(f"{q:.2f}" for q in r.get("round_ratio", [])) or "-"] if rounds else []),
                 ]
             )
     errors = [
@@ -281,7 +316,13 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
         W.describe(args.workload, args.batch, args.hidden) + ".",
         f"Loss y.square().mean(); float32; device {args.device}; {args.threads} thread(s) per child process; "
         f"time = median of {args.steps} steps after {args.warmup} warm-up step(s)"
-        + (f", median over {args.rounds} rounds of the whole table" if args.rounds > 1 else "")
+        + (
+            f"; {args.rounds} rounds over the whole table (every other one in reverse order): "
+            "ms / step is the median of the rounds' times, time / plain the median of the rounds' "
+            "ratios to plain autograd in the same round, listed under 'rounds'"
+            if args.rounds > 1
+            else ""
+        )
         + "; peak = growth of "
         + ("torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (VmHWM)")
         + " during one step; ratios to plain autograd in the same run.",
