@@ -436,3 +436,38 @@ def test_cuda_input_from_the_default_stream_freed_while_a_side_stream_reads_it()
     del junk
     torch.testing.assert_close(got_y, want_y, rtol=1e-5, atol=1e-5)
     assert_all_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_output_in_the_input_memory_dropped_while_a_side_stream_reads_it() -> None:
+    """Catalogue 63 for one call per block on a single tensor, whose output goes into the
+    memory of the input it frees (NOTE [Outputs in the memory of the input they replace]).
+    That memory is from the pool of the stream the input was made on (the default one
+    here), while the calls run on a busy side stream. When the host drops the output
+    before the side stream has run, a free without a record of the side stream hands the
+    block back to the default stream's pool at once, and ``junk`` overwrites it before the
+    blocks read their input. Correct: the side stream computes plain autograd's values."""
+    torch.manual_seed(0)
+    blocks = [inv.couple(_mlp(512), _mlp(512)) for _ in range(2)]
+    x = torch.randn(1024, 1024, device=DEVICE, requires_grad=True)  # 4 MiB: above REUSE_MIN_BYTES
+    with torch.no_grad():
+        want = x * 2
+        for b in blocks:
+            want = b(want)
+        want = want.square().sum()
+    _sync()
+    torch.cuda.empty_cache()  # so the dropped output is the only block of its size to reuse
+    side = torch.cuda.Stream()
+    h = x * 2  # on the default stream
+    side.wait_stream(torch.cuda.current_stream())
+    _busy(side)
+    with torch.cuda.stream(side):
+        y = h
+        for b in blocks:
+            y = inv.invertible_call(b, y)
+        got = y.detach().square().sum()
+    del y, h  # the graph goes, and with it the output's memory, before the side stream ran
+    junk = [torch.empty(1024, 1024, device=DEVICE).fill_(float("nan")) for _ in range(4)]
+    torch.cuda.current_stream().wait_stream(side)
+    _sync()
+    del junk
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -972,6 +972,11 @@ class Pending:
             m1.copy_(y1)
             del m1, m2
             storage._swap_data_ptr_(into.storage)  # type: ignore[attr-defined]
+            if storage.device.type == "cuda":
+                # the memory belongs to the pool of the stream the input was made on; the
+                # output is used on this one: freeing it must wait for this stream's work,
+                # as freeing the input would have (StorageHandle.free)
+                self.out.record_stream(torch.cuda.current_stream(storage.device))
             return
         storage.resize_(x.numel() * x.element_size())
         m1, m2 = x.new_empty(0).set_(storage, 0, x.size(), x.stride()).split_with_sizes([h, h], d)
