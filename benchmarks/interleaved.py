@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.utils.checkpoint
 
-from invfunc._measure import CONFIGS, coupled_model, mlp_pairs
+from invfunc._measure import CONFIGS, coupled_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads as W
@@ -37,7 +37,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--workload", default="mlp", help="mlp (default), conv or transformer: F and G as in run.py"
+        "--workload",
+        choices=tuple(W.WORKLOADS),
+        default="mlp",
+        help="mlp (default), conv or transformer: F and G as in run.py",
     )
     parser.add_argument("--batch", type=int, help="default: 8 for mlp, run.py's for the others")
     parser.add_argument("--hidden", type=int, help="default: 64 for mlp, run.py's for the others")
@@ -47,16 +50,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.workload == "mlp":
-        args.batch = args.batch or 8
-        args.hidden = args.hidden or 64
-        pairs, dim = mlp_pairs(args.depth, args.hidden), 1
-        data = torch.randn(args.batch, 2 * args.hidden)
-    else:
-        spec = W.WORKLOADS[args.workload]
-        args.batch = args.batch or spec["batch"]
-        args.hidden = args.hidden or spec["hidden"]
-        pairs, data, dim = W._pairs_and_data(args.workload, args.depth, args.batch, args.hidden, "cpu")
+    # the MLP defaults to the tiny configuration's sizes (the reference ones are flags away)
+    spec = W.WORKLOADS["tiny" if args.workload == "mlp" else args.workload]
+    args.batch = args.batch or spec["batch"]
+    args.hidden = args.hidden or spec["hidden"]
+    pairs, data, dim = W._pairs_and_data(args.workload, args.depth, args.batch, args.hidden, "cpu")
     configs = [*CONFIGS[:2], NO_EARLY_STOP, *CONFIGS[2:]]
     models = {
         config: coupled_model(config.removesuffix("-no-early-stop"), pairs, dim=dim) for config in configs

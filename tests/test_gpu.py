@@ -389,6 +389,26 @@ def _busy(stream: torch.cuda.Stream) -> None:
                 a /= a.norm()
 
 
+def _input_and_busy_side_stream(x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Stream]:
+    """``x * 2`` made on the default stream, and a side stream that waits for it, then has
+    about 0.1 s of work queued; the allocator's cache is emptied first, so that a block
+    freed now is the only one of its size to reuse."""
+    _sync()
+    torch.cuda.empty_cache()
+    side = torch.cuda.Stream()
+    h = x * 2
+    side.wait_stream(torch.cuda.current_stream())
+    _busy(side)
+    return h, side
+
+
+def _overwrite_free_blocks(shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """Allocate on the default stream, where nothing is queued, and overwrite at once:
+    a block handed back too early is taken and filled with NaN before the side stream
+    reads it."""
+    return [torch.empty(shape, device=DEVICE).fill_(float("nan")) for _ in range(4)]
+
+
 def test_cuda_forward_on_a_side_stream_backward_on_the_default_stream() -> None:
     """The whole forward on a side stream, then backward from the default stream after
     waiting for it (the pattern of the CUDA semantics notes): plain gradients."""
@@ -420,15 +440,10 @@ def test_cuda_input_from_the_default_stream_freed_while_a_side_stream_reads_it()
     want_y = net(x * 2)
     want = torch.autograd.grad(want_y.square().mean(), [x, *params])
     want_y = want_y.detach()
-    _sync()
-    torch.cuda.empty_cache()  # so the freed input is the only block of its size to reuse
-    side = torch.cuda.Stream()
-    h = x * 2  # on the default stream
-    side.wait_stream(torch.cuda.current_stream())
-    _busy(side)
+    h, side = _input_and_busy_side_stream(x)
     with torch.cuda.stream(side):
         y = inv.invertible_call(net, h)
-    junk = [torch.empty(1024, 1024, device=DEVICE).fill_(float("nan")) for _ in range(4)]
+    junk = _overwrite_free_blocks((1024, 1024))
     torch.cuda.current_stream().wait_stream(side)
     got_y = y.detach().clone()
     got = torch.autograd.grad(y.square().mean(), [x, *params])
@@ -454,19 +469,14 @@ def test_cuda_output_in_the_input_memory_dropped_while_a_side_stream_reads_it() 
         for b in blocks:
             want = b(want)
         want = want.square().sum()
-    _sync()
-    torch.cuda.empty_cache()  # so the dropped output is the only block of its size to reuse
-    side = torch.cuda.Stream()
-    h = x * 2  # on the default stream
-    side.wait_stream(torch.cuda.current_stream())
-    _busy(side)
+    h, side = _input_and_busy_side_stream(x)
     with torch.cuda.stream(side):
         y = h
         for b in blocks:
             y = inv.invertible_call(b, y)
         got = y.detach().square().sum()
     del y, h  # the graph goes, and with it the output's memory, before the side stream ran
-    junk = [torch.empty(1024, 1024, device=DEVICE).fill_(float("nan")) for _ in range(4)]
+    junk = _overwrite_free_blocks((1024, 1024))
     torch.cuda.current_stream().wait_stream(side)
     _sync()
     del junk
