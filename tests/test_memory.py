@@ -122,7 +122,7 @@ def _allocated_at_marks(steps: Callable[[], None], n: int) -> list[int]:
 def test_memory_returns_to_baseline_over_three_steps(spelling: str, ending: str) -> None:
     # catalogue items 29, 30, 61: with the garbage collector off, every byte allocated in a
     # step is freed by its end, whether the backward ran, ran twice, or never ran
-    from invfunc._autograd import BlockState
+    from invfunc._state import BlockState
     from invfunc._storage import _GUARDS
 
     net, _ = revnet(4, H)

@@ -584,16 +584,16 @@ def test_a_large_input_lends_its_memory_at_the_default_threshold() -> None:
 def test_boundaries_inside_a_mixed_chain_lend_their_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     # a chain that is not all couplings runs on single tensors (no pairs inside): each
     # coupling after the first puts its output into the memory of its input
-    from invfunc import _autograd
+    from invfunc import _apply
 
     lent = [0]
-    finish = _autograd.Pending.finish
+    finish = _apply.Pending.finish
 
-    def counting(self: _autograd.Pending, into: StorageHandle | None) -> None:
+    def counting(self: _apply.Pending, into: StorageHandle | None) -> None:
         lent[0] += into is not None
         finish(self, into)
 
-    monkeypatch.setattr(_autograd.Pending, "finish", counting)
+    monkeypatch.setattr(_apply.Pending, "finish", counting)
     torch.manual_seed(0)
     couplings = [inv.couple(mlp(3).double(), mlp(3).double()) for _ in range(3)]
     flip = inv.invertible(lambda x: x.flip(1), inverse=lambda y: y.flip(1))

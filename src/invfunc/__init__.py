@@ -5,11 +5,11 @@ Pair a pure function with its inverse (:func:`invertible`), compose with
 :func:`invertible_call`.
 """
 
-from ._autograd import explain
 from ._call import invertible_call
 from ._combinators import chain, couple
 from ._core import Invertible, inverse, invertible
 from ._errors import FreedTensorError, InvertibilityWarning, InvfuncError
+from ._explain import explain
 from ._modes import MODES, current_mode, mode
 from ._verify import verify
 

@@ -8,12 +8,14 @@ from typing import Any, Literal
 
 import torch
 
-from ._autograd import _reports, apply_block, free_call_inputs, replaying
+from ._apply import apply_block, free_call_inputs
 from ._combinators import _Halves, pairs_inside
 from ._core import Invertible, _name
 from ._errors import InvertibilityWarning
+from ._explain import _reports
 from ._modes import check_mode, current_mode
 from ._replay import AutocastState
+from ._state import replaying
 from ._verify import check_policy, current_policy
 
 __all__ = ["invertible_call"]

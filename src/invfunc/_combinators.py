@@ -10,21 +10,14 @@ from typing import Any
 
 import torch
 
-from ._autograd import (
-    REUSE_MIN_BYTES,
-    BlockState,
-    Pending,
-    _fast_path,
-    _generic_vjp,
-    _is_wrapped,
-    drop_if_unread,
-    owned,
-    rebuild,
-    section_vjp,
-)
+from ._apply import Pending
+from ._autograd import _generic_vjp, rebuild
 from ._core import Invertible, _name
 from ._replay import mode_dependent, reread, static_reads
+from ._reuse import REUSE_MIN_BYTES, owned
+from ._state import BlockState, _is_wrapped
 from ._storage import _use_count
+from ._vjp import _fast_path, drop_if_unread, section_vjp
 
 __all__ = ["Chain", "Coupling", "chain", "couple"]
 

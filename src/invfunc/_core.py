@@ -109,7 +109,7 @@ class Invertible:
     def __repr__(self) -> str:
         return f"Invertible({self._name})"
 
-    # -- the engine protocol (see _autograd.py) -----------------------------------
+    # -- the engine protocol (see _apply.py, _autograd.py)--------------------------------
     def _flatten(self) -> list[Invertible]:
         return [self]
 
@@ -132,7 +132,7 @@ class Invertible:
         return self._flatten(), tuple(args), ()
 
     def _run(self, args: Sequence[Any], section: Callable[[str], Any]) -> Any:
-        """The forward, run once under no_grad while the engine records (see _autograd.py)."""
+        """The forward, run once under no_grad while the engine records (see _apply.py)."""
         return self._fn(*args)
 
     def _static_sections(self) -> dict[str, tuple[list[torch.Tensor], bool]] | None:

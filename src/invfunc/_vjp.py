@@ -1,0 +1,164 @@
+"""Vector-Jacobian products of a block re-run in backward (NOTE [Two ways to a VJP])."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ._state import BlockState, _is_wrapped, _replay_region
+from ._storage import _use_count
+
+__all__ = ["block_vjp", "drop_if_unread", "section_vjp"]
+
+
+def _fast_path(*tensors: torch.Tensor) -> bool:
+    """True when backward needs no graph of its own: out= writes are allowed."""
+    if torch.is_grad_enabled():
+        return False
+    return not _functorch_active() or not any(_is_wrapped(t) for t in tensors)
+
+
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def block_vjp(
+    state: BlockState,
+    section: str,
+    call: Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, ...]],
+    values: Sequence[torch.Tensor],
+    diff: Sequence[int],
+    n_positional: int,
+    captured_slots: Sequence[int] | None = None,
+) -> tuple[tuple[torch.Tensor, ...], Callable[[Sequence[torch.Tensor]], list[torch.Tensor | None]]]:
+    """Run ``call(values)`` and return its outputs and a pullback over ``values[i] for i in diff``.
+
+    ``values`` are the ``n_positional`` tensors ``call`` passes explicitly, then the
+    captured tensors the block reads through closures (``captured_slots`` gives their
+    indices in ``state.captured``; default all, in order).
+
+    NOTE [Two ways to a VJP]: when backward builds no graph and no ``torch.func``
+    transform is active, the block is re-run under ``enable_grad`` and differentiated
+    with ``torch.autograd.grad`` (the captured tensors are the very objects the block
+    reads). Otherwise (``create_graph=True``, ``torch.func``) it is ``torch.func.vjp``
+    of the block made pure by substituting the captured tensors (NOTE [Recording and
+    replaying a block]), which is itself differentiable and transformable.
+    """
+    slots = range(len(state.captured)) if captured_slots is None else captured_slots
+    originals = state.captured
+    if _fast_path(*values):
+        # A captured tensor with hooks is differentiated through a detached stand-in, so
+        # its hooks fire once, when autograd hands it this block's gradient; the others
+        # are differentiated directly (no substitution needed: cheaper).
+        hooked = any(values[i]._backward_hooks for i in diff if i >= n_positional)
+        vals = list(values)
+        for i in diff:
+            if hooked or i < n_positional:
+                vals[i] = vals[i].detach().requires_grad_()
+        now: Sequence[torch.Tensor] = ()
+        if hooked:
+            now = list(originals)
+            for j, slot in enumerate(slots):
+                now[slot] = vals[n_positional + j]
+        with (
+            state.replay_rng(section),
+            torch.enable_grad(),
+            state.replay_tracer(now, section, vals[:n_positional]),
+            _replay_region(),
+        ):
+            outs = call(vals)
+        n_wrt = len(diff)
+        live = [i for i, o in enumerate(outs) if o.requires_grad]
+        # single use: the pullback lets go of the graph and the outputs as soon as it ran
+        held = [([outs[i] for i in live], [vals[i] for i in diff])]
+
+        def fast_pullback(cts: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+            roots, wrt = held.pop()
+            if not roots or not wrt:
+                return [None] * n_wrt
+            return list(_grad(roots, wrt, [cts[i] for i in live]))
+
+        detached = tuple(o.detach() for o in outs)
+        del outs, vals
+        return detached, fast_pullback
+
+    def pure(*diff_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        vals = list(values)
+        for i, v in zip(diff, diff_values):
+            vals[i] = v
+        now = list(originals)
+        for j, slot in enumerate(slots):
+            now[slot] = vals[n_positional + j]
+        with state.replay_tracer(now, section, vals[:n_positional]), _replay_region():
+            return call(vals)
+
+    with state.replay_rng(section):
+        outs, vjp_fn = torch.func.vjp(pure, *[values[i] for i in diff])  # type: ignore[misc]
+
+    def pullback(cts: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        return list(vjp_fn(tuple(cts)))
+
+    return outs, pullback
+
+
+def drop_if_unread(out: torch.Tensor) -> None:
+    """Free the storage of a recomputed output whose values are no longer needed.
+
+    ``out`` is the detached alias of an output of :func:`block_vjp` whose pullback has
+    not run yet. Its values were used (to rebuild the input); the pullback needs only its
+    graph, unless some node saved it (a final ``tanh`` saves its result). It is freed only
+    when nothing but the output and this alias hold its storage.
+    """
+    storage = out.untyped_storage()
+    # the alias, the output held by the pullback, and ``storage`` itself
+    if (
+        out._base is None
+        and _use_count(storage._cdata) == 3
+        and storage.nbytes() == out.numel() * out.element_size()
+    ):
+        storage.resize_(0)
+
+
+def section_vjp(
+    state: BlockState,
+    fn: Callable[..., Any],
+    section: str,
+    x: torch.Tensor,
+    captured_now: Sequence[torch.Tensor],
+    needs: Sequence[bool],
+) -> tuple[
+    torch.Tensor, Callable[[torch.Tensor], tuple[torch.Tensor | None, list[tuple[int, torch.Tensor]]]]
+]:
+    """``fn(x)`` and its VJP over ``x`` and the captured tensors ``fn`` reads.
+
+    Returns the output and a function mapping a cotangent to (grad of x, [(index of
+    captured tensor, grad)]). Used by couplings to evaluate F and G once each.
+    """
+    slots = state.sections.get(section, [])
+    idx = [i for i in slots if needs[i]]
+    values = [x, *(captured_now[i] for i in slots)]
+    diff = [0, *(1 + k for k, i in enumerate(slots) if needs[i])]
+    outs, pull = block_vjp(state, section, lambda v: (fn(v[0]),), values, diff, 1, slots)
+
+    def pullback(g: torch.Tensor) -> tuple[torch.Tensor | None, list[tuple[int, torch.Tensor]]]:
+        grads = pull((g,))
+        return grads[0], [(i, gi) for i, gi in zip(idx, grads[1:]) if gi is not None]
+
+    return outs[0], pullback
+
+
+try:  # the engine call behind torch.autograd.grad, without its Python-side checks (~35 us a call)
+    from torch.autograd.graph import _engine_run_backward
+except ImportError:  # pragma: no cover - older or newer torch
+    _engine_run_backward = None  # type: ignore[assignment]
+
+
+def _grad(
+    roots: Sequence[torch.Tensor], wrt: Sequence[torch.Tensor], cts: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor | None, ...]:
+    """``torch.autograd.grad(roots, wrt, cts, allow_unused=True)`` for the fast path, whose
+    arguments are known to be well formed (tensors of matching shapes, no graph to keep)."""
+    if _engine_run_backward is None:
+        return torch.autograd.grad(roots, wrt, cts, allow_unused=True)
+    return _engine_run_backward(tuple(roots), tuple(cts), False, False, tuple(wrt), True, False)  # type: ignore[no-any-return]
