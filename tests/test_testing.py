@@ -146,6 +146,12 @@ def test_check_inverse_rejects_bad_arguments() -> None:
 
 # -- check_grads ----------------------------------------------------------------------------
 
+# The functions below are wrong on purpose; the engine's recompute check warns about them in
+# backward too (NOTE [Recompute divergence], tested in test_choices.py).
+_WRONG_ON_PURPOSE = pytest.mark.filterwarnings(
+    "ignore:.*did not reproduce the forward:invfunc.InvertibilityWarning"
+)
+
 
 def test_check_grads_passes_on_correct_functions_in_every_mode() -> None:
     torch.manual_seed(0)
@@ -168,6 +174,7 @@ def test_check_grads_explicit_parameters_and_pairs() -> None:
     check_grads(pair, torch.randn(2, 3, dtype=F64), torch.randn(2, 3, dtype=F64))
 
 
+@_WRONG_ON_PURPOSE
 def test_check_grads_names_a_wrong_input_gradient() -> None:
     bad = inv.invertible(lambda x: x.exp(), inverse=lambda y: y.log() + 0.1)
     with pytest.raises(AssertionError) as info:
@@ -180,6 +187,7 @@ def test_check_grads_names_a_wrong_input_gradient() -> None:
     )
 
 
+@_WRONG_ON_PURPOSE
 def test_check_grads_names_a_wrong_explicit_parameter_gradient() -> None:
     # d/dx of x * exp(s) does not depend on x: a wrong rebuilt x shows only in s's gradient
     bad = inv.invertible(lambda x, s: x * s.exp(), inverse=lambda y, s: y * (-s).exp() + 1)
@@ -188,6 +196,7 @@ def test_check_grads_names_a_wrong_explicit_parameter_gradient() -> None:
         check_grads(bad, torch.ones(2, dtype=F64), s)
 
 
+@_WRONG_ON_PURPOSE
 def test_check_grads_names_a_wrong_captured_parameter_gradient() -> None:
     s = torch.zeros(2, dtype=F64, requires_grad=True)
     net = inv.chain(scale_with(s, error=1.0), inv.couple(mlp(1)))
@@ -195,6 +204,7 @@ def test_check_grads_names_a_wrong_captured_parameter_gradient() -> None:
         check_grads(net, torch.ones(3, 2, dtype=F64))
 
 
+@_WRONG_ON_PURPOSE
 def test_check_grads_names_a_wrong_module_parameter_gradient() -> None:
     m = torch.nn.Module()
     m.s = torch.nn.Parameter(torch.zeros(2, dtype=F64))
@@ -209,6 +219,7 @@ def test_check_grads_names_a_wrong_module_parameter_gradient() -> None:
         check_grads(inv.invertible(fwd, inverse=bwd), torch.ones(2, dtype=F64))
 
 
+@_WRONG_ON_PURPOSE
 def test_check_grads_params_reaches_what_the_walk_cannot() -> None:
     ns = types.SimpleNamespace(s=torch.zeros(2, dtype=F64, requires_grad=True))
     bad = inv.invertible(lambda x: x * ns.s.exp(), inverse=lambda y: y * (-ns.s).exp() + 1)
@@ -222,6 +233,7 @@ def test_check_grads_params_reaches_what_the_walk_cannot() -> None:
         check_grads(bad, torch.ones(2, dtype=F64), params=[ns.s])
 
 
+@_WRONG_ON_PURPOSE
 def test_check_grads_compares_with_autograd_grad_too() -> None:
     # .backward() compares leaves only; a non-leaf captured tensor is compared with autograd.grad
     base = torch.zeros(2, dtype=F64, requires_grad=True)
@@ -231,6 +243,7 @@ def test_check_grads_compares_with_autograd_grad_too() -> None:
         check_grads(bad, torch.ones(2, dtype=F64))
 
 
+@_WRONG_ON_PURPOSE
 def test_check_grads_compares_outputs() -> None:
     # a function that computes something else without grad (the engine's forward runs without it)
     sneaky = inv.invertible(
@@ -244,6 +257,7 @@ def test_check_grads_compares_outputs() -> None:
     check_grads(sneaky, torch.ones(2, dtype=F64), mode="plain")
 
 
+@_WRONG_ON_PURPOSE
 def test_check_grads_float64_is_held_to_1e_10() -> None:
     def almost(eps: float) -> inv.Invertible:
         return inv.invertible(lambda x: x.exp(), inverse=lambda y: y.log() * (1 + eps))

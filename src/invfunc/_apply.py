@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ._autograd import _EAGER_APPLY, _BlockFunction, _BlockFunctionEager, rebuild
+from ._choices import Checksum
 from ._errors import FreedTensorError, InvfuncError
 from ._explain import _reports
 from ._replay import AutocastState, RngState, Tracer, cuda_devices, sharded
@@ -116,8 +117,116 @@ class Pending:
             m2.copy_(x2)
 
 
-def _no_section(name: str) -> AbstractContextManager[None]:
-    return _NO_CONTEXT
+class Sections:
+    """How a block's forward is run, section by section (a coupling's F and G; a generic
+    block is one section): the RNG state before each (NOTE [Recording and replaying a
+    block]) and, for a recorded block, its tracer and the checksums of each section's
+    outputs (NOTE [Recompute divergence]). ``block._run`` enters ``sections(name)``
+    around each section and hands its outputs to ``sections.output(name, ...)``."""
+
+    __slots__ = ("checksums", "devices", "random", "rng", "tracer")
+
+    def __init__(self, devices: list[int], tracer: Tracer | None, random: bool) -> None:
+        self.devices = devices
+        self.tracer = tracer
+        self.random = random  # a static block that draws random numbers
+        self.rng: dict[str, RngState] = {}
+        self.checksums: dict[str, list[Checksum | None]] = {}
+
+    def __call__(self, name: str) -> AbstractContextManager[None]:
+        if self.tracer is not None:
+            return self._recorded(name)
+        if self.random:
+            self.rng[name] = RngState(self.devices)
+        return _NO_CONTEXT
+
+    @contextmanager
+    def _recorded(self, name: str) -> Iterator[None]:
+        assert self.tracer is not None
+        self.rng[name] = RngState(self.devices)
+        with self.tracer.section(name), self.tracer:
+            yield
+
+    def output(self, name: str, *outs: torch.Tensor) -> None:
+        """A recorded section's outputs, checksummed before anything is written over them."""
+        if self.tracer is not None:
+            self.checksums[name] = [Checksum(t) if Checksum.supports(t) else None for t in outs]
+
+
+def _check_data(block: Any, data: Sequence[Any], n_data: int) -> None:
+    """Data inputs are tensors a Function can take, not freed past rebuilding."""
+    for i, t in enumerate(data):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"invfunc.invertible_call({block._name}, ...): data input {i} must be a tensor, got "
+                f"{type(t).__name__}; non-tensor arguments go after the {n_data} data input(s)."
+            )
+        if t.is_nested and t.layout == torch.strided:
+            raise InvfuncError(
+                f"invfunc.invertible_call({block._name}, ...): data input {i} is a NestedTensor of the "
+                "strided layout, which a custom autograd.Function cannot take; build it with "
+                "layout=torch.jagged, or run this call with mode='plain'."
+            )
+        if type(t) is Freed:
+            _rebuild_guarded(t)
+        elif is_freed(t):
+            raise FreedTensorError(
+                f"invfunc.invertible_call({block._name}, ...): data input {i} has no storage: it was freed "
+                "by an earlier invertible call and cannot be read. Pass it in keep= there, or clone it."
+            )
+
+
+def _run_forward(
+    block: Any, args: Sequence[Any], sections: Sections
+) -> tuple[tuple[torch.Tensor, ...], bool, Pending | None]:
+    """Run the block once under no_grad: (outputs, whether it returned one tensor, the
+    output still to assemble, NOTE [Outputs in the memory of the input they replace])."""
+    with torch.no_grad():
+        if len(block._sections) == 1:
+            with sections(block._sections[0]):
+                out = block._run(args, sections)
+        else:
+            out = block._run(args, sections)
+    pending = None
+    if type(out) is Pending:
+        pending = out
+        out = pending.out
+    single = isinstance(out, torch.Tensor)
+    outs = (out,) if single else out
+    if not isinstance(outs, tuple) or not all(isinstance(o, torch.Tensor) for o in outs):
+        raise TypeError(
+            f"invfunc.invertible_call({block._name}, ...): the block returned {_describe(out)}; an "
+            "invertible function must return a tensor or a tuple of tensors."
+        )
+    if len(block._sections) == 1:
+        sections.output(block._sections[0], *outs)
+    return outs, single, pending
+
+
+def _captured(
+    static: dict[str, tuple[list[torch.Tensor], bool]] | None,
+    tracer: Tracer | None,
+    known: set[int],
+) -> tuple[list[torch.Tensor], dict[str, list[int]]]:
+    """The tensors the block read besides its arguments, and, per section, their indices."""
+    captured: list[torch.Tensor] = []
+    where: dict[int, int] = {}
+    sections: dict[str, list[int]] = {}
+    seen_by_section = (
+        {name: {id(p): p for p in ps} for name, (ps, _) in static.items()}
+        if static is not None
+        else tracer.sections  # type: ignore[union-attr]
+    )
+    for name, seen in seen_by_section.items():
+        idx = sections.setdefault(name, [])
+        for key, t in seen.items():
+            if key in known:
+                continue
+            if key not in where:
+                where[key] = len(captured)
+                captured.append(t)
+            idx.append(where[key])
+    return captured, sections
 
 
 def apply_block(
@@ -145,30 +254,8 @@ def apply_block(
     n_data = block._n_data(args)
     data = tuple(args[:n_data])
     params = args[n_data:]
-    for i, t in enumerate(data):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(
-                f"invfunc.invertible_call({block._name}, ...): data input {i} must be a tensor, got "
-                f"{type(t).__name__}; non-tensor arguments go after the {n_data} data input(s)."
-            )
-        if t.is_nested and t.layout == torch.strided:
-            raise InvfuncError(
-                f"invfunc.invertible_call({block._name}, ...): data input {i} is a NestedTensor of the "
-                "strided layout, which a custom autograd.Function cannot take; build it with "
-                "layout=torch.jagged, or run this call with mode='plain'."
-            )
-        if type(t) is Freed:
-            _rebuild_guarded(t)
-        elif is_freed(t):
-            raise FreedTensorError(
-                f"invfunc.invertible_call({block._name}, ...): data input {i} has no storage: it was freed "
-                "by an earlier invertible call and cannot be read. Pass it in keep= there, or clone it."
-            )
+    _check_data(block, data, n_data)
     param_tensors = [p for p in params if isinstance(p, torch.Tensor)]
-    state = BlockState(block)
-    if label is not None:
-        state.name = label  # errors say which block of the call
-    rng: dict[str, RngState] = {}
     static = block._static_sections()
     # the CUDA generators to capture: those of the devices the block's tensors are on;
     # a recorded block (captured tensors unknown yet) adds the current device
@@ -178,66 +265,19 @@ def apply_block(
         else [*data, *param_tensors],
         current=static is None,
     )
-    section: Callable[[str], AbstractContextManager[None]]
-    if static is not None:  # NOTE [Static discovery]
-        if any(r for _, r in static.values()):
-
-            def section(name: str) -> AbstractContextManager[None]:
-                rng[name] = RngState(devices)
-                return _NO_CONTEXT
-
-        else:
-            section = _no_section
-    else:
+    tracer = None
+    if static is None:
         tracer = Tracer()
         tracer.start_recording(data)
-
-        @contextmanager
-        def section(name: str) -> Iterator[None]:
-            rng[name] = RngState(devices)
-            with tracer.section(name), tracer:
-                yield
-
-    with torch.no_grad():
-        if len(block._sections) == 1:
-            with section(block._sections[0]):
-                out = block._run(args, section)
-        else:
-            out = block._run(args, section)
-        pending = None
-        if type(out) is Pending:
-            pending = out
-            out = pending.out
-    single = isinstance(out, torch.Tensor)
-    outs = (out,) if single else out
-    if not isinstance(outs, tuple) or not all(isinstance(o, torch.Tensor) for o in outs):
-        raise TypeError(
-            f"invfunc.invertible_call({block._name}, ...): the block returned {_describe(out)}; an "
-            "invertible function must return a tensor or a tuple of tensors."
-        )
+    sections = Sections(devices, tracer, static is not None and any(r for _, r in static.values()))
+    outs, single, pending = _run_forward(block, args, sections)
     if not torch.is_grad_enabled():
         if pending is not None:
             pending.finish(None)
         return outs, single, None
     known = {id(t) for t in data}
     known.update(id(p) for p in param_tensors)
-    captured: list[torch.Tensor] = []
-    where: dict[int, int] = {}
-    sections: dict[str, list[int]] = {}
-    seen_by_section = (
-        {name: {id(p): p for p in ps} for name, (ps, _) in static.items()}
-        if static is not None
-        else tracer.sections
-    )
-    for name, seen in seen_by_section.items():
-        idx = sections.setdefault(name, [])
-        for key, t in seen.items():
-            if key in known:
-                continue
-            if key not in where:
-                where[key] = len(captured)
-                captured.append(t)
-            idx.append(where[key])
+    captured, reads = _captured(static, tracer, known)
     if (
         not captured
         and not any(t.requires_grad for t in data)
@@ -246,24 +286,67 @@ def apply_block(
         if pending is not None:
             pending.finish(None)
         return outs, single, None  # nothing requires grad: a plain call
-    if static is None:
+    state = BlockState(block)
+    if label is not None:
+        state.name = label  # errors say which block of the call
+    _fill_state(state, sections, data, params, outs, captured, reads, mode=mode, policy=policy)
+    state.autocast = autocast
+    inputs = (*data, *param_tensors, *captured)
+    state.precomputed = outs
+    state.seen = inputs
+    if _functorch_active():
+        result = _BlockFunction.apply(state, *inputs)  # type: ignore[no-untyped-call]
+    elif any(_is_wrapped(t) for t in inputs):  # a tensor leaked from a transform: apply unwraps it
+        result = _BlockFunctionEager.apply(state, *inputs)  # type: ignore[no-untyped-call]
+    else:  # Function.apply's Python wrapper does nothing more here (~3 us a call)
+        result = _EAGER_APPLY(state, *inputs)
+    if pending is not None:
+        x = data[0]
+        if mode == "invertible" and lend is not None and _kept_reason(0, x, keep, lend) is None:
+            state.lent = StorageHandle(x, guard)
+        pending.finish(state.lent)
+    if previous is not None:
+        previous.next_ref = weakref.ref(state)
+    if mode == "invertible" and not guard:
+        _free_inputs(state, data, guard, keep, leaves)
+    return result, single, state
+
+
+def _fill_state(
+    state: BlockState,
+    sections: Sections,
+    data: Sequence[torch.Tensor],
+    params: Sequence[Any],
+    outs: Sequence[torch.Tensor],
+    captured: list[torch.Tensor],
+    reads: dict[str, list[int]],
+    *,
+    mode: str,
+    policy: tuple[str, float | None],
+) -> None:
+    """What the backward needs to know of the forward that just ran."""
+    block, tracer, rng = state.block, sections.tracer, sections.rng
+    if tracer is not None:
         for name, gens in tracer.generators.items():
             if gens and name in rng:
                 rng[name].user = list(gens.values())
     first = rng.get(block._sections[0])
     state.rng = None if first is None or all(r.unchanged() for r in rng.values()) else rng
     state.n_out = len(outs)
-    state.n_data = n_data
+    state.n_data = len(data)
     state.param_template = [_TENSOR_SLOT if isinstance(p, torch.Tensor) else p for p in params]
-    state.n_explicit = len(param_tensors)
+    state.n_explicit = sum(isinstance(p, torch.Tensor) for p in params)
     state.captured = captured
-    state.sections = sections
-    state.autocast = autocast
-    state.static = static is not None
-    if static is None:
+    state.sections = reads
+    state.static = tracer is None
+    if tracer is not None:
         state.updates, state.update_refs, state.norms = tracer.updates, tracer._update_refs, tracer.norms
+        state.choices = None if tracer.unreplayable else tracer.choices
+        state.checksums = sections.checksums
+        _report_choices(state)
     else:
         state.updates, state.update_refs, state.norms = set(), [], False
+        state.choices = state.checksums = None
     state.in_meta = [(None if t.is_nested else t.shape, t.dtype) for t in data]
     state.kept = mode == "checkpoint"
     mods = block._mode_dependent()
@@ -284,25 +367,16 @@ def apply_block(
         if policy[0] != "off" and not (state.kept or exact)
         else None
     )
-    inputs = (*data, *param_tensors, *captured)
-    state.precomputed = outs
-    state.seen = inputs
-    if _functorch_active():
-        result = _BlockFunction.apply(state, *inputs)  # type: ignore[no-untyped-call]
-    elif any(_is_wrapped(t) for t in inputs):  # a tensor leaked from a transform: apply unwraps it
-        result = _BlockFunctionEager.apply(state, *inputs)  # type: ignore[no-untyped-call]
-    else:  # Function.apply's Python wrapper does nothing more here (~3 us a call)
-        result = _EAGER_APPLY(state, *inputs)
-    if pending is not None:
-        x = data[0]
-        if mode == "invertible" and lend is not None and _kept_reason(0, x, keep, lend) is None:
-            state.lent = StorageHandle(x, guard)
-        pending.finish(state.lent)
-    if previous is not None:
-        previous.next_ref = weakref.ref(state)
-    if mode == "invertible" and not guard:
-        _free_inputs(state, data, guard, keep, leaves)
-    return result, single, state
+
+
+def _report_choices(state: BlockState) -> None:
+    """Tell explain() how many discrete choices the block keeps, and their bytes."""
+    if state.reports and state.choices:
+        kept = [c for cs in state.choices.values() for c in cs]
+        if kept:
+            nbytes = sum(c.nbytes for c in kept)
+            for rep in state.reports:
+                rep.choices.append((state.name, len(kept), nbytes))
 
 
 def _producer(t: torch.Tensor) -> BlockState | None:

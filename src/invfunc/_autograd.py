@@ -99,7 +99,10 @@ class _BlockFunction(torch.autograd.Function):
         explicit = tensors[n_data : n_data + n_exp]
         sections = state.block._sections
         tr = state.replay_tracer(
-            tensors[n_data + n_exp :], sections[0] if len(sections) == 1 else None, tensors[: n_data + n_exp]
+            tensors[n_data + n_exp :],
+            sections[0] if len(sections) == 1 else None,
+            tensors[: n_data + n_exp],
+            whole=True,
         )
         with state.replay_rng(sections[0]), tr:
             out = state.block._fn(*data, *state.merge_params(explicit))
@@ -265,7 +268,7 @@ def _generic_vjp(
         out = block._fn(*vals[:n_data], *state.merge_params(vals[n_data:n_pos]))
         return (out,) if isinstance(out, torch.Tensor) else tuple(out)
 
-    _, pull = block_vjp(state, block._sections[0], call, values, diff, n_pos)
+    _, pull = block_vjp(state, block._sections[0], call, values, diff, n_pos, whole=True)
     for i, g in zip(diff, pull(grads)):
         result[i] = g
     return result

@@ -5,12 +5,11 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 
-from ._apply import Pending
+from ._apply import Pending, Sections
 from ._autograd import _generic_vjp, rebuild
 from ._core import Invertible, _name
 from ._replay import mode_dependent, reread, static_reads
@@ -235,7 +234,7 @@ class Coupling(Invertible):
             )
         return len(args)
 
-    def _run(self, args: Sequence[Any], section: Callable[[str], AbstractContextManager[None]]) -> Any:
+    def _run(self, args: Sequence[Any], section: Sections) -> Any:
         # Only F and G run inside sections (recorded); the coupling's own arithmetic runs
         # on detached views, so it is neither recorded nor mistaken for a captured tensor.
         check = self._check_half
@@ -247,6 +246,7 @@ class Coupling(Invertible):
             with section("F"):
                 f = self.F(x2)
             check(f, "F", x2)
+            section.output("F", f)
             y1 = f.add_(x1) if reuse and owned(f, x1, sys.getrefcount(f)) else x1 + f
             del f
             if self.G is None:
@@ -254,6 +254,7 @@ class Coupling(Invertible):
             with section("G"):
                 g = self.G(y1)
             check(g, "G", y1)
+            section.output("G", g)
             return y1, g.add_(x2) if reuse and owned(g, x2, sys.getrefcount(g)) else x2 + g
         x = args[0]
         if _is_wrapped(x) or torch.autograd.forward_ad._current_level >= 0:  # torch.func, dual tensors:
@@ -277,6 +278,7 @@ class Coupling(Invertible):
             with section("F"):
                 f = self.F(x2)
             check(f, "F", x2)
+            section.output("F", f)
             y1 = f.add_(x1) if owned(f, x1, sys.getrefcount(f)) else x1 + f
             del f, x1, x2
             if self.G is None:
@@ -284,12 +286,14 @@ class Coupling(Invertible):
             with section("G"):
                 g = self.G(y1)
             check(g, "G", y1)
+            section.output("G", g)
             return Pending(x, y1, g, d)
         y = torch.empty_like(x)
         y1, y2 = y.split_with_sizes([x1.size(d), x1.size(d)], d)
         with section("F"):
             f = self.F(x2)
         check(f, "F", x2)
+        section.output("F", f)
         if self.G is None:
             torch.add(x1, f, out=y1)
             y2.copy_(x2)
@@ -299,6 +303,7 @@ class Coupling(Invertible):
         with section("G"):
             g = self.G(y1)  # a strided view, as F's x2 and as y1 in the backward's recompute
         check(g, "G", y1)
+        section.output("G", g)
         torch.add(x2, g, out=y2)
         return y
 

@@ -131,7 +131,7 @@ class Invertible:
         for the last block (see :class:`invfunc._combinators.Chain`)."""
         return self._flatten(), tuple(args), ()
 
-    def _run(self, args: Sequence[Any], section: Callable[[str], Any]) -> Any:
+    def _run(self, args: Sequence[Any], section: Any) -> Any:
         """The forward, run once under no_grad while the engine records (see _apply.py)."""
         return self._fn(*args)
 

@@ -14,6 +14,9 @@ class _Explain:
         self.kept: list[tuple[str, int, str]] = []
         self.freed: list[tuple[str, int, int]] = []
         self.drift: list[tuple[str, int, float]] = []
+        self.choices: list[tuple[str, int, int]] = []
+        self.flipped: list[tuple[str, int]] = []
+        self.diverged: list[tuple[str, str, str]] = []
         self.open = True
 
 

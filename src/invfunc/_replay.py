@@ -41,9 +41,13 @@ from torch.overrides import TorchFunctionMode
 from torch.overrides import _get_current_function_mode_stack as _function_modes
 from torch.utils._device import DeviceContext as _DeviceContext
 
+from . import _choices
+from ._choices import Choice, Mismatch, choice_of, is_choice, replay_choice
+
 __all__ = ["AutocastState", "RngState", "Tracer"]
 
 _Tensor = torch.Tensor
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _CLAIM = 1 << 62  # offset that keeps claimed positions apart from claimed ids
 _NORM_FUNCS = {
     torch.nn.functional.batch_norm: (1, 2, 5, "running_mean", "running_var", "training"),
@@ -52,6 +56,8 @@ _NORM_FUNCS = {
     torch.instance_norm: (3, 4, 5, "running_mean", "running_var", "use_input_stats"),
 }
 # Functions that only read metadata: cheap, and never worth recording.
+_INTEGRAL_NAMES = _choices._INTEGRAL
+_PYTHON_VALUE_NAMES = _choices._PYTHON_VALUES
 _INPLACE_EXCLUDED = {"__setstate__", "requires_grad_", "retain_grad", "share_memory_"}
 
 
@@ -86,18 +92,30 @@ class Tracer(TorchFunctionMode):
         # first use, replayed with the section (the default generators are in RngState)
         self.generators: dict[str, dict[int, tuple[torch.Generator, _Tensor]]] = {}
         self._generators: dict[int, tuple[torch.Generator, _Tensor]] = {}
+        # NOTE [Discrete choices]: per section, the choices of the forward in order; in a
+        # replay, the ones to hand back, how many were handed back, and what to call when
+        # the replay makes other choices
+        self.choices: dict[str, list[Choice]] = {}
+        self._choices: list[Choice] = []
+        self.replayed: list[Choice] | None = None
+        self.cursor = 0
+        self.changed = 0
+        self.on_mismatch: Callable[[str], None] | None = None
+        self.on_done: Callable[[int], None] | None = None
+        self.unreplayable = False
 
     # -- recording ----------------------------------------------------------------
     @contextlib.contextmanager
     def section(self, name: str) -> Iterator[None]:
         """Record the external tensors of a part of the block under ``name``."""
-        previous, previous_gens = self._section, self._generators
+        previous, previous_gens, previous_choices = self._section, self._generators, self._choices
         self._section = self.sections.setdefault(name, {})
         self._generators = self.generators.setdefault(name, {})
+        self._choices = self.choices.setdefault(name, [])
         try:
             yield
         finally:
-            self._section, self._generators = previous, previous_gens
+            self._section, self._generators, self._choices = previous, previous_gens, previous_choices
 
     def start_recording(self, inputs: Sequence[object]) -> None:
         self.recording = True
@@ -105,6 +123,8 @@ class Tracer(TorchFunctionMode):
         self._section = self.sections.setdefault("", {})
         self.generators = {}
         self._generators = self.generators.setdefault("", {})
+        self.choices = {}
+        self._choices = self.choices.setdefault("", [])
         # inputs count as produced: they are not captured, and in-place ops on them are
         # not external state updates
         self.produced = {id(t) for t in inputs if isinstance(t, _Tensor)}
@@ -135,6 +155,32 @@ class Tracer(TorchFunctionMode):
         self.known = {id(t) for t in known}
         self.produced = {id(t) for t in inputs if isinstance(t, _Tensor)}
         self.produced.update(id(v) for v in subst.values())
+
+    def replay_choices(
+        self,
+        choices: list[Choice],
+        on_mismatch: Callable[[str], None],
+        on_done: Callable[[int], None],
+    ) -> None:
+        """Hand ``choices`` back, in order, to the ops of the replay that make a choice
+        (NOTE [Discrete choices], rule 3). ``on_mismatch(description)`` is called once if
+        the replay makes other choices (rule 4), and the replay then goes on with its own;
+        ``on_done(changed)`` at the end, with how many results differed from the replay's own."""
+        self.replayed = choices
+        self.cursor = 0
+        self.changed = 0
+        self.on_mismatch = on_mismatch
+        self.on_done = on_done
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        super().__exit__(exc_type, exc, tb)  # type: ignore[no-untyped-call]
+        if exc_type is not None or self.on_mismatch is None:
+            return
+        if self.replayed is not None and self.cursor != len(self.replayed):
+            n, k = len(self.replayed), self.cursor
+            self._mismatch(f"the forward made {n} discrete choice(s), the recompute {k}")
+        if self.on_done is not None:
+            self.on_done(self.changed)
 
     def __torch_function__(
         self,
@@ -173,6 +219,17 @@ class Tracer(TorchFunctionMode):
             self._update_refs.append(target)
         out = func(*args, **kwargs)
         self._mark_produced(out)
+        if (
+            not isinstance(out, _Tensor)
+            or not out.is_floating_point()
+            or getattr(func, "__name__", "") in _INTEGRAL_NAMES
+        ):
+            choice = choice_of(func, args, kwargs, out)
+            if choice is not None:
+                if any(_is_wrapped(p.data) for _, p in choice.results or ()):
+                    self.unreplayable = True  # made under a torch.func transform: not kept
+                else:
+                    self._choices.append(choice)
         return out
 
     def _mark_produced(self, out: Any) -> None:
@@ -206,10 +263,47 @@ class Tracer(TorchFunctionMode):
         norm = _NORM_FUNCS.get(func)
         if norm is not None:
             args, kwargs = _without_running_stats(norm, list(args), kwargs)
+        replayed = self.replayed
+        if replayed is not None and getattr(func, "__name__", "") in _PYTHON_VALUE_NAMES:
+            if is_choice(func, args, kwargs, None):  # a Python value: not read again
+                return self._replay_choice(func, args, kwargs, None)
         out = func(*args, **kwargs)
         if self.check is not None:
             self._mark_produced(out)
+        if replayed is not None and (
+            not isinstance(out, _Tensor)
+            or not out.is_floating_point()
+            or getattr(func, "__name__", "") in _INTEGRAL_NAMES
+        ):
+            if is_choice(func, args, kwargs, out):
+                out = self._replay_choice(func, args, kwargs, out)
+                if self.check is not None:
+                    self._mark_produced(out)
         return out
+
+    def _replay_choice(
+        self, func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], out: Any
+    ) -> Any:
+        replayed = self.replayed
+        assert replayed is not None
+        k = self.cursor
+        if k >= len(replayed):
+            self._mismatch(f"it made more discrete choices than the forward's {len(replayed)}")
+            return func(*args, **kwargs) if out is None else out
+        try:
+            value, changed = replay_choice(replayed[k], func, args, kwargs, out)
+        except Mismatch as e:
+            self._mismatch(f"its discrete choice {k + 1} is another op or shape ({e})")
+            return func(*args, **kwargs) if out is None else out
+        self.cursor = k + 1
+        self.changed += changed
+        return value
+
+    def _mismatch(self, what: str) -> None:
+        """Stop replaying choices and report the first mismatch (rule 4)."""
+        self.replayed = None
+        if self.on_mismatch is not None:
+            self.on_mismatch(what)
 
     def _resolve(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
         """Give every external tensor of this op a stand-in (see :meth:`start_replay`)."""

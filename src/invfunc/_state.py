@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from . import _verify
+from ._choices import Checksum, Choice
 from ._errors import InvfuncError
 from ._explain import _Explain, _reports
 from ._replay import AutocastState, RngState, Tracer
@@ -56,6 +57,8 @@ class BlockState:
         "autocast",
         "block",
         "captured",
+        "checksums",
+        "choices",
         "consumers",
         "ctx_ref",
         "handles",
@@ -101,6 +104,10 @@ class BlockState:
     static: bool
     prints: list[Fingerprint | None] | None
     policy: tuple[str, float | None]
+    # NOTE [Discrete choices]: per section, the forward's choices (None: a static block)
+    choices: dict[str, list[Choice]] | None
+    # NOTE [Recompute divergence]: per recorded section, checksums of its outputs
+    checksums: dict[str, list[Checksum | None]] | None
 
     def __init__(self, block: Any) -> None:
         self.block = block
@@ -137,9 +144,14 @@ class BlockState:
         return self.rng[section].replay()
 
     def replay_tracer(
-        self, captured_now: Sequence[torch.Tensor], section: str | None = None, inputs: Sequence[object] = ()
+        self,
+        captured_now: Sequence[torch.Tensor],
+        section: str | None = None,
+        inputs: Sequence[object] = (),
+        whole: bool = False,
     ) -> Any:
-        """The context a replay of ``section`` (None: the inverse) runs in.
+        """The context a replay of ``section`` (None: the inverse) runs in; ``whole``: the
+        replay runs the whole block (every section, in order) as one call.
 
         The recorded captured tensors are replaced by ``captured_now`` (stand-ins,
         primals, or themselves). A block may read other tensor objects than in the
@@ -181,9 +193,53 @@ class BlockState:
                 check=self.swap_error,
                 known=[o for o, n in zip(self.captured, now) if o is n],
             )
+            choices = self.choices_for(section, whole)
+            if choices is not None:
+                what = "the block" if whole or len(self.block._sections) == 1 else str(section)
+                tr.replay_choices(choices, lambda why: self.diverged(what, why), self.replayed)
         tr.updates = self.updates
         tr.norms = self.norms
         return tr
+
+    def choices_for(self, section: str | None, whole: bool) -> list[Choice] | None:
+        """The forward's choices a replay of ``section`` makes again (NOTE [Discrete
+        choices]); None when there is nothing to replay (a static block, the inverse)."""
+        if self.choices is None or section is None:
+            return None
+        if whole:
+            return [c for name in self.block._sections for c in self.choices.get(name, ())]
+        return self.choices.get(section, [])
+
+    def replayed(self, changed: int) -> None:
+        """A replay handed back the forward's choices; ``changed`` of them differed from
+        what the recompute chose itself (reported to explain())."""
+        if changed:
+            for rep in self.reports:
+                if rep.open:
+                    rep.flipped.append((self.name, changed))
+
+    def check_recompute(self, section: str, outs: Sequence[torch.Tensor]) -> None:
+        """Compare a recomputed section's outputs with the forward's checksums (NOTE
+        [Recompute divergence])."""
+        sums = self.checksums.get(section) if self.checksums is not None else None
+        if not sums:
+            return
+        for i, (c, t) in enumerate(zip(sums, outs)):
+            if c is None or not Checksum.supports(t):
+                continue
+            err = c.error(t)
+            tol = self.policy[1] or _verify.DEFAULT_RTOL.get(t.dtype, 1e-4)
+            if not err <= tol:
+                what = "the block" if len(self.block._sections) == 1 else section
+                out = f"output {i}" if len(sums) > 1 else "its output"
+                self.diverged(
+                    what, f"{out} moved by {err:.1e} of its magnitude (tolerance {tol:.0e} for {t.dtype})"
+                )
+
+    def diverged(self, what: str, why: str) -> None:
+        """The recompute of ``what`` is not the forward's computation: warn or raise."""
+        reports = [r for r in self.reports if r.open]
+        _verify.diverged(self.name, what, why, self.policy[0], reports)  # type: ignore[arg-type]
 
     def swap_error(self, what: str) -> InvfuncError:
         return InvfuncError(

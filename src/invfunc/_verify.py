@@ -155,3 +155,31 @@ def check(
             if policy == "raise":
                 raise InvfuncError(msg)
             warnings.warn(msg, InvertibilityWarning, stacklevel=2)
+
+
+def diverged(name: str, what: str, why: str, policy: Policy, reports: Sequence[object]) -> None:
+    """A block's recompute in backward is not its forward's computation (NOTE [Recompute
+    divergence]): record it, and raise under the policy "raise", else warn. ``what``: "the
+    block", or the section (a coupling's "F" or "G"); ``why``: what differs."""
+    for rep in reports:
+        rep.diverged.append((name, what, why))  # type: ignore[attr-defined]
+    if what == "the block":
+        causes = (
+            "the inverse does not invert the function, the rebuilt input drifted, or the function "
+            "makes a discrete choice that invfunc does not replay"
+        )
+    else:
+        causes = (
+            f"{what} makes a discrete choice that invfunc does not replay, or the rebuilt input "
+            "drifted (see invfunc.verify)"
+        )
+    msg = (
+        f"invfunc.invertible_call({name}) backward: recomputing {what} on the rebuilt input did not "
+        f"reproduce the forward: {why}. The gradients through this block are off by as much. "
+        f"Causes: {causes}. Discrete choices are replayed when they are made by ops such as argmax, "
+        "topk, sort, comparisons or round (see 'Discrete choices' in the sharp bits); "
+        "mode='checkpoint' keeps the input, so its recompute is exact."
+    )
+    if policy == "raise":
+        raise InvfuncError(msg)
+    warnings.warn(msg, InvertibilityWarning, stacklevel=2)

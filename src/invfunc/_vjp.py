@@ -31,12 +31,17 @@ def block_vjp(
     diff: Sequence[int],
     n_positional: int,
     captured_slots: Sequence[int] | None = None,
+    *,
+    whole: bool = False,
 ) -> tuple[tuple[torch.Tensor, ...], Callable[[Sequence[torch.Tensor]], list[torch.Tensor | None]]]:
     """Run ``call(values)`` and return its outputs and a pullback over ``values[i] for i in diff``.
 
     ``values`` are the ``n_positional`` tensors ``call`` passes explicitly, then the
     captured tensors the block reads through closures (``captured_slots`` gives their
-    indices in ``state.captured``; default all, in order).
+    indices in ``state.captured``; default all, in order). ``call`` runs ``section``, or
+    the whole block if ``whole``: it makes the forward's discrete choices again (NOTE
+    [Discrete choices]) and its outputs are compared with the forward's checksums (NOTE
+    [Recompute divergence]).
 
     NOTE [Two ways to a VJP]: when backward builds no graph and no ``torch.func``
     transform is active, the block is re-run under ``enable_grad`` and differentiated
@@ -64,10 +69,12 @@ def block_vjp(
         with (
             state.replay_rng(section),
             torch.enable_grad(),
-            state.replay_tracer(now, section, vals[:n_positional]),
+            state.replay_tracer(now, section, vals[:n_positional], whole),
             _replay_region(),
         ):
             outs = call(vals)
+        if state.checksums is not None:
+            _check(state, section, whole, outs)
         n_wrt = len(diff)
         live = [i for i, o in enumerate(outs) if o.requires_grad]
         # single use: the pullback lets go of the graph and the outputs as soon as it ran
@@ -90,16 +97,25 @@ def block_vjp(
         now = list(originals)
         for j, slot in enumerate(slots):
             now[slot] = vals[n_positional + j]
-        with state.replay_tracer(now, section, vals[:n_positional]), _replay_region():
+        with state.replay_tracer(now, section, vals[:n_positional], whole), _replay_region():
             return call(vals)
 
     with state.replay_rng(section):
         outs, vjp_fn = torch.func.vjp(pure, *[values[i] for i in diff])  # type: ignore[misc]
+    if state.checksums is not None:
+        _check(state, section, whole, outs)
 
     def pullback(cts: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         return list(vjp_fn(tuple(cts)))
 
     return outs, pullback
+
+
+def _check(state: BlockState, section: str, whole: bool, outs: Sequence[torch.Tensor]) -> None:
+    """Compare a recompute with the forward (NOTE [Recompute divergence]): a section's own
+    outputs, or the whole block's when it is one section."""
+    if not whole or len(state.block._sections) == 1:
+        state.check_recompute(section, outs)
 
 
 def drop_if_unread(out: torch.Tensor) -> None:
