@@ -233,10 +233,11 @@ class Tracer(TorchFunctionMode):
         return out
 
     def _mark_produced(self, out: Any) -> None:
-        """Remember the tensors an op returned: tensors made inside the block are not external."""
+        """Remember the tensors an op returned: tensors made inside the block are not external
+        (a tuple may be a named one: ``torch.return_types.topk``)."""
         if isinstance(out, _Tensor):
             self.produced.add(id(out))
-        elif type(out) in (list, tuple):
+        elif isinstance(out, (list, tuple)):
             self.produced.update(id(o) for o in out if isinstance(o, _Tensor))
 
     def _replay(self, func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
