@@ -445,3 +445,52 @@ def test_kept_input_of_a_coupling_is_used_as_it_is(form: str) -> None:
         with pytest.warns(inv.InvertibilityWarning, match="recomputing F on the rebuilt input did not"):
             off = torch.autograd.grad(_cat(y).square().sum(), [*F.parameters()])
     assert max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(off, want)) > 1e-3
+
+
+# -- explain() names every kept input, in the caller's terms ----------------------------------
+
+
+def _pair_chain() -> inv.Invertible:
+    torch.manual_seed(0)
+    return inv.chain(*(inv.couple(mlp(2).double(), mlp(2).double()) for _ in range(2)))
+
+
+def test_explain_reports_a_leaf_that_needs_no_grad_passed_to_a_chain() -> None:
+    net = _pair_chain()
+    x = torch.randn(3, 4, dtype=torch.float64)  # user data: a leaf, no grad
+    with inv.explain() as report:
+        inv.invertible_call(net, x).sum().backward()
+    assert report.kept == [
+        (
+            "couple(Sequential, Sequential), block 1 of 2: its input, split into halves",
+            0,
+            "it is a leaf (user data or a parameter); data leaves are freed only when named in free=",
+        )
+    ]
+    assert not freed(x)
+    # what is freed is named by the caller's blocks: the halves between them, and the last
+    # block's output halves before they are joined
+    assert {call for call, _, _ in report.freed} == {
+        "couple(Sequential, Sequential), block 1 of 2",
+        "couple(Sequential, Sequential), block 2 of 2",
+        "couple(Sequential, Sequential), block 2 of 2: its output halves, joined",
+    }
+
+
+def test_explain_reports_inputs_of_a_block_run_as_a_plain_call() -> None:
+    # nothing the block reads requires grad, and the input is not a leaf: kept, and said why
+    block = inv.invertible(lambda x: x * 2, inverse=lambda y: y / 2)
+    with torch.no_grad():
+        h = torch.ones(3) * 1
+    h = h.requires_grad_(False)
+    w = torch.ones(3, requires_grad=True)
+    with inv.explain() as report:
+        inv.invertible_call(block, h)
+        inv.invertible_call(inv.couple(lambda t: t * 0), torch.ones(2, 4))  # reads no parameter
+    assert [r[2] for r in report.kept] == [
+        "it is a leaf (user data or a parameter); data leaves are freed only when named in free=",
+        "it is a leaf (user data or a parameter); data leaves are freed only when named in free=",
+    ]
+    with inv.explain() as report:
+        inv.invertible_call(block, w * 1, mode="checkpoint")
+    assert report.kept == [("<lambda>", 0, "mode='checkpoint' keeps the inputs")]

@@ -399,6 +399,29 @@ def free_call_inputs(
     _free_inputs(state, list(data[: state.n_data]), True, keep, leaves)
 
 
+def report_kept(
+    label: str,
+    data: Sequence[Any],
+    mode: str,
+    keep: Callable[[int, torch.Tensor], bool],
+    leaves: Callable[[int, torch.Tensor], bool],
+) -> None:
+    """Tell explain() why each data input of a call that freed none of them is kept: the
+    mode is "checkpoint", or the block that received them ran as a plain call."""
+    reports = _reports()
+    for i, t in enumerate(data):
+        if not reports or not isinstance(t, torch.Tensor):
+            continue
+        if mode == "checkpoint":
+            why = "mode='checkpoint' keeps the inputs"
+        else:
+            why = _kept_reason(i, t, keep, leaves) or (
+                "nothing the block reads requires grad: it ran as a plain call"
+            )
+        for rep in reports:
+            rep.kept.append((label, i, why))
+
+
 def _kept_reason(
     i: int,
     t: torch.Tensor,

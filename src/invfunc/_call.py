@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 
-from ._apply import apply_block, free_call_inputs
+from ._apply import apply_block, free_call_inputs, report_kept
 from ._combinators import _Halves, pairs_inside
 from ._core import Invertible, _name
 from ._errors import InvertibilityWarning
@@ -125,6 +125,7 @@ def _call(
     fn._check_arity(args, "invertible_call")
     if run_mode == "plain" or not torch.is_grad_enabled() or replaying():
         return fn(*args)
+    asked = run_mode
     if run_mode == "invertible" and _saved_tensors_hooks_active():
         # NOTE [Saved-tensor hooks]: what the hooks pack (a copy, or nothing until a
         # recompute, as inside torch.utils.checkpoint) is not the storage invfunc would
@@ -196,6 +197,8 @@ def _call(
             out = out[0]
     if run_mode == "invertible" and first is not None:
         free_call_inputs(first, args, keep_input, free_leaf)  # inputs are the leading arguments
+    elif run_mode == asked:  # (a call kept whole for a reason of its own reported it already)
+        report_kept(labels[0], args[: fn._n_data(args)], run_mode, keep_input, free_leaf)
     return out
 
 
@@ -224,17 +227,27 @@ def _kept_whole_call(fn: Invertible, why: str) -> None:
 
 
 def _labels(blocks: Sequence[Invertible]) -> list[str]:
-    """How errors and reports name each block: counted among the caller's blocks, not the
-    split and join that run a chain with pairs inside (NOTE [Pairs inside a chain])."""
+    """How errors and reports name each block: counted among the caller's blocks. The split
+    and the join that run a chain with pairs inside (NOTE [Pairs inside a chain]) are named
+    after the caller's block whose input or output they are."""
     n_user = sum(not isinstance(b, _Halves) for b in blocks)
+    names: list[str] = []
+    k = 0
+    for block in blocks:
+        if not isinstance(block, _Halves):
+            k += 1
+            names.append(block._name if n_user == 1 else f"{block._name}, block {k} of {n_user}")
     labels: list[str] = []
     k = 0
     for block in blocks:
         if isinstance(block, _Halves):
-            labels.append(f"{block._name} (pairs inside the chain)")
+            if block.join:
+                labels.append(f"{names[k - 1]}: its output halves, joined")
+            else:
+                labels.append(f"{names[k]}: its input, split into halves")
         else:
+            labels.append(names[k])
             k += 1
-            labels.append(block._name if n_user == 1 else f"{block._name}, block {k} of {n_user}")
     return labels
 
 
