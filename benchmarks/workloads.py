@@ -109,6 +109,16 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         "shape": "input (B, 64, 2H) split on the last dim; F = pre-LayerNorm 4-head self-attention, "
         "G = pre-LayerNorm MLP H -> 4H -> GELU -> H",
     },
+    "lsh": {
+        "title": "Reversible transformer with LSH-bucketed attention",
+        "depths": (4, 8, 16),
+        "batch": 16,
+        "hidden": 128,
+        "steps": 5,
+        "shape": "input (B, 64, 2H) split on the last dim; F = pre-LayerNorm 4-head attention within "
+        "LSH buckets (argmax over 4 random rotations and their negatives, as Reformer), "
+        "G = pre-LayerNorm MLP H -> 4H -> GELU -> H",
+    },
     "tiny": {
         "title": "Tiny MLP (per-block Python overhead; memory is noise here)",
         "depths": (32,),
@@ -178,13 +188,43 @@ class _Attention(nn.Module):
         return self.out(att.transpose(1, 2).reshape(b, t, w))
 
 
-def _transformer_pairs(depth: int, hidden: int, device: str) -> Pairs:
+class _LSHAttention(nn.Module):
+    """Pre-LayerNorm self-attention within LSH buckets, Reformer's shared-QK form: a
+    position's bucket (per head) is the argmax of its query-key vector rotated by a fixed
+    random matrix, and of its negation; it attends to the positions of its own bucket. The
+    argmax is a discrete choice that a rebuilt input can flip (NOTE [Discrete choices])."""
+
+    def __init__(self, width: int, heads: int, buckets: int = 8) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(width)
+        self.qk = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+        self.register_buffer("rot", torch.randn(width // heads, buckets // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, w = x.shape
+        n = self.norm(x)
+        qk = self.qk(n).view(b, t, self.heads, -1).transpose(1, 2)
+        v = self.v(n).view(b, t, self.heads, -1).transpose(1, 2)
+        r = qk @ self.rot
+        bucket = torch.cat([r, -r], -1).argmax(-1)
+        same = bucket[..., :, None] == bucket[..., None, :]
+        att = tf.scaled_dot_product_attention(qk, tf.normalize(qk, dim=-1), v, attn_mask=same)
+        return self.out(att.transpose(1, 2).reshape(b, t, w))
+
+
+def _transformer_pairs(depth: int, hidden: int, device: str, lsh: bool = False) -> Pairs:
     def mlp() -> nn.Module:
         return nn.Sequential(
             nn.LayerNorm(hidden), nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden)
         ).to(device)
 
-    return [(_Attention(hidden, _HEADS).to(device), mlp()) for _ in range(depth)]
+    def attention() -> nn.Module:
+        return (_LSHAttention if lsh else _Attention)(hidden, _HEADS).to(device)
+
+    return [(attention(), mlp()) for _ in range(depth)]
 
 
 def _pairs_and_data(
@@ -196,8 +236,8 @@ def _pairs_and_data(
     if workload == "conv":
         pairs = _conv_pairs(depth, hidden, device)
         return pairs, torch.randn(batch, 2 * hidden, 32, 32, device=device), 1
-    if workload == "transformer":
-        pairs = _transformer_pairs(depth, hidden, device)
+    if workload in ("transformer", "lsh"):
+        pairs = _transformer_pairs(depth, hidden, device, lsh=workload == "lsh")
         return pairs, torch.randn(batch, _SEQ, 2 * hidden, device=device), -1
     raise ValueError(f"unknown workload {workload!r}; expected one of {', '.join(WORKLOADS)}")
 

@@ -597,7 +597,10 @@ def couple(F: Callable[..., Any], G: Callable[..., Any] | None = None, *, dim: i
     Args:
         F: maps the second half to a tensor of the shape of a half.
         G: maps the first output half to a tensor of that shape, or None.
-        dim: the dimension to split a single input along (default 1).
+        dim: the dimension to split a single input along. The default, 1, is the
+            channel axis of ``(B, C, H, W)`` images; on ``(B, T, C)`` activations
+            (transformers) it is the token axis, which splits the sequence, not the
+            channels, with no error: pass ``dim=-1`` for channels-last activations.
 
     Examples:
         >>> import torch, invfunc as inv

@@ -175,7 +175,8 @@ def diverged(name: str, what: str, why: str, policy: Policy, reports: Sequence[o
         )
     msg = (
         f"invfunc.invertible_call({name}) backward: recomputing {what} on the rebuilt input did not "
-        f"reproduce the forward: {why}. The gradients through this block are off by as much. "
+        f"reproduce the forward: {why}. The gradients through this block would be off by about as "
+        "much. "
         f"Causes: {causes}. Discrete choices are replayed when they are made by ops such as argmax, "
         "topk, sort, comparisons or round (see 'Discrete choices' in the sharp bits); "
         "mode='checkpoint' keeps the input, so its recompute is exact."
