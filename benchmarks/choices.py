@@ -45,9 +45,8 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import workloads as W  # noqa: E402
-
 import invfunc as inv  # noqa: E402
+import workloads as W  # noqa: E402
 from invfunc import _choices, _replay  # noqa: E402
 from invfunc._measure import Workload, measure  # noqa: E402
 
@@ -55,13 +54,14 @@ from invfunc._measure import Workload, measure  # noqa: E402
 @contextlib.contextmanager
 def replay_off() -> Iterator[None]:
     """Choices neither kept nor replayed, no recompute checksums: the engine before them."""
-    choice_of, supports = _replay.choice_of, _choices.Checksum.supports
+    choice_of, is_choice, supports = _replay.choice_of, _replay.is_choice, _choices.Checksum.supports
     _replay.choice_of = lambda *a: None  # type: ignore[assignment]
+    _replay.is_choice = lambda *a: False  # type: ignore[assignment]
     _choices.Checksum.supports = staticmethod(lambda t: False)  # type: ignore[method-assign]
     try:
         yield
     finally:
-        _replay.choice_of = choice_of
+        _replay.choice_of, _replay.is_choice = choice_of, is_choice
         _choices.Checksum.supports = staticmethod(supports)  # type: ignore[method-assign]
 
 
@@ -149,28 +149,30 @@ def _rel(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
     return float((num / sum(float(b.double().norm() ** 2) for b in want)) ** 0.5)
 
 
+def _grads(
+    net: inv.Invertible, params: list[torch.Tensor], x: torch.Tensor, seed: int, mode: str
+) -> list[torch.Tensor]:
+    torch.manual_seed(seed)  # the same random draws in every run
+    h = x.clone().requires_grad_()
+    y = inv.invertible_call(net, h * 1, mode=mode)
+    return list(torch.autograd.grad(y.square().mean(), [h, *params]))
+
+
 def _gradient_study(
     name: str, make: Callable[[int], tuple[inv.Invertible, list[torch.Tensor], torch.Tensor]], seeds: int
 ) -> list[dict[str, Any]]:
     rows = []
     for seed in range(1, seeds + 1):
         net, params, x = make(seed)
-
-        def grads(mode: str) -> list[torch.Tensor]:
-            torch.manual_seed(seed)  # the same random draws in every run
-            h = x.clone().requires_grad_()
-            y = inv.invertible_call(net, h * 1, mode=mode)
-            return list(torch.autograd.grad(y.square().mean(), [h, *params]))
-
         t = time.perf_counter()
-        want = grads("plain")
+        want = _grads(net, params, x, seed, "plain")
         t_plain = time.perf_counter() - t
         row: dict[str, Any] = {"part": name, "seed": seed}
         for label, region in (("replayed", contextlib.nullcontext), ("off", replay_off)):
             with region(), inv.explain() as report, warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 t = time.perf_counter()
-                got = grads("invertible")
+                got = _grads(net, params, x, seed, "invertible")
                 elapsed = time.perf_counter() - t
             row[label] = {
                 "rel_error": _rel(got, want),
@@ -235,7 +237,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     cost_rows = [r for r in rows if r["part"] == "cost"]
     if cost_rows:
         out += [
-            "| workload | D | configuration | time / plain | peak MiB | kept: choices / checksums / one activation |",
+            "| workload | D | configuration | time / plain | peak MiB "
+            "| kept: choices / checksums / one activation |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
         for r in cost_rows:
@@ -262,7 +265,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--part", choices=("cost", "reformer", "routing"), nargs="+")
     parser.add_argument("--depths", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--rounds", type=int, default=3)

@@ -38,11 +38,24 @@ def _reports() -> list[_Explain]:
 def explain() -> Iterator[_Explain]:
     """Collect, for every invertible call in the region, which inputs were freed or kept and why.
 
-    Yields an object with three lists: ``freed`` of ``(call, input index, bytes)``,
-    ``kept`` of ``(call, input index, reason)`` and, for calls made in the region under
-    :func:`invfunc.verify` whose backward runs before it closes, ``drift`` of
-    ``(call, input index, relative error of the rebuilt input)``. The region covers the
-    calls of the thread that opened it (as :func:`invfunc.mode` and
+    Yields an object with these lists, filled by the calls made in the region (and by
+    their backward, if it runs before the region closes):
+
+    - ``freed``: ``(call, input index, bytes)`` of every input freed;
+    - ``kept``: ``(call, input index, reason)`` of every input kept (index -1: the whole
+      call keeps its inputs);
+    - ``choices``: ``(call, number, bytes)``: the discrete choices (argmax, topk indices,
+      comparisons...) a block keeps from its forward to replay in backward (see
+      "Discrete choices" in the sharp bits);
+    - ``flipped``: ``(call, number)``: choices the recompute would have made otherwise,
+      handed the forward's;
+    - ``diverged``: ``(call, section, what)``: recomputes that did not reproduce the
+      forward (warned about, or raised under ``verify("raise")``);
+    - ``drift``: ``(call, input index, relative error of the rebuilt input)``, under
+      :func:`invfunc.verify`.
+
+    Calls are named by their block (``"couple(F, G), block 2 of 8"`` in a chain). The
+    region covers the calls of the thread that opened it (as :func:`invfunc.mode` and
     :func:`invfunc.verify` do), wherever their backward runs.
 
     Examples:
