@@ -109,13 +109,18 @@ def test_wrong_arity() -> None:
 
 
 def test_odd_split_and_bad_dim_and_bad_half() -> None:
-    block = inv.couple(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match=r"odd size 5 along dim 1.*Pad it.*pair"):
-        inv.invertible_call(block, torch.randn(2, 5, requires_grad=True))
+    block = inv.couple(torch.nn.Linear(3, 2))  # an odd size 5 is split 2 + 3: F maps 3 to 2
+    assert inv.invertible_call(block, torch.randn(2, 5, requires_grad=True)).shape == (2, 5)
+    with pytest.raises(ValueError, match=r"size 1 along dim 1 .* needs a size of at least 2"):
+        inv.invertible_call(block, torch.randn(2, 1, requires_grad=True))
     with pytest.raises(ValueError, match=r"dim=3 is out of range"):
         inv.invertible_call(inv.couple(torch.nn.Linear(2, 2), dim=3), torch.randn(2, 4, requires_grad=True))
     bad = inv.couple(lambda h: h.sum(1))
-    with pytest.raises(ValueError, match=r"F returned a tensor of shape \(2,\) for a half of shape \(2, 2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"F returned a tensor of shape \(2,\) for an input of shape \(2, 2\); F must return a "
+        r"tensor shaped like x1, \(2, 2\)",
+    ):
         inv.invertible_call(bad, torch.randn(2, 4, requires_grad=True))
 
 

@@ -91,11 +91,12 @@ class Pending:
         x, y1, g, d = self.x, self.y1, self.g, self.d
         self.x = self.y1 = self.g = None  # type: ignore[assignment]
         h = y1.size(d)
+        sizes = [h, x.size(d) - h]  # halves of unequal sizes when x's is odd
         storage = self.out.untyped_storage()
         if into is not None:
             # x's memory, through a tensor with its own version counter: x's is shared
             # with the producer's saved output, which a write must not look modified
-            m1, m2 = into.view().split_with_sizes([h, h], d)
+            m1, m2 = into.view().split_with_sizes(sizes, d)
             if g is not None:
                 m2.add_(g)  # x2 is there already
             m1.copy_(y1)
@@ -108,9 +109,9 @@ class Pending:
                 self.out.record_stream(torch.cuda.current_stream(storage.device))
             return
         storage.resize_(x.numel() * x.element_size())
-        m1, m2 = x.new_empty(0).set_(storage, 0, x.size(), x.stride()).split_with_sizes([h, h], d)
+        m1, m2 = x.new_empty(0).set_(storage, 0, x.size(), x.stride()).split_with_sizes(sizes, d)
         m1.copy_(y1)
-        x2 = x.detach().narrow(d, h, h)
+        x2 = x.detach().narrow(d, h, sizes[1])
         if g is not None:
             torch.add(x2, g, out=m2)
         else:

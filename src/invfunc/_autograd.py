@@ -67,6 +67,7 @@ from typing import Any
 import torch
 
 from ._errors import InvfuncError
+from ._storage import Freed
 from ._reuse import _unheld
 from ._state import BlockState, _replay_region
 from ._vjp import _fast_path, block_vjp
@@ -146,6 +147,8 @@ class _BlockFunction(torch.autograd.Function):
         saved = _saved_tensors(ctx, state)
         try:
             result = _block_backward(state, saved, grads, ctx.needs_input_grad[1:], own)
+        except Exception as e:
+            raise _failed(state, e) from (e.__cause__ if isinstance(e, InvfuncError) else e)
         finally:
             state.drop_guarded()  # NOTE [Releasing rebuilt boundaries]
         return (None, *result)
@@ -175,6 +178,41 @@ try:
     _EAGER_APPLY = torch._C._FunctionBase.__dict__["apply"].__get__(None, _BlockFunctionEager)
 except (KeyError, AttributeError, TypeError):  # pragma: no cover - another torch layout
     _EAGER_APPLY = _BlockFunctionEager.apply
+
+
+def _failed(state: BlockState, e: Exception) -> Exception:
+    """The error a block's failed backward raises: what failed, in which call, and what
+    became of the caller's inputs the call freed (rebuilt, or lost: reading one then
+    raises FreedTensorError saying why)."""
+    what = (
+        str(e)
+        if isinstance(e, InvfuncError)
+        else (f"invfunc.invertible_call({state.name}) backward failed: {type(e).__name__}: {e}")
+    )
+    rebuilt, lost = [], []
+    for i, h in enumerate(state.handles or ()):
+        if h is None or h.tensor is None:
+            continue  # not the caller's: a boundary inside the call
+        shape = tuple(h.size)
+        if h.freed or type(h.tensor) is Freed:  # (a rebuild written in place, not finished)
+            lost.append(f"input {i} (shape {shape})")
+            h.lose(
+                f"invfunc: this tensor, input {i} of invertible_call({state.name}), was freed and is "
+                f"lost: the backward that would rebuild it failed ({type(e).__name__}: {e})."
+            )
+        else:
+            rebuilt.append(f"input {i} (shape {shape})")
+    fate = []
+    if rebuilt:
+        fate.append(f"{', '.join(rebuilt)} of the call {'was' if len(rebuilt) == 1 else 'were'} rebuilt")
+    if lost:
+        fate.append(
+            f"{', '.join(lost)} of the call, freed after the forward, could not be rebuilt and "
+            f"{'is' if len(lost) == 1 else 'are'} lost (reading raises FreedTensorError); pass "
+            "keep= to keep them, or rerun the forward"
+        )
+    msg = what + (f" [{'; '.join(fate)}.]" if fate else "")
+    return type(e)(msg) if isinstance(e, InvfuncError) else InvfuncError(msg)
 
 
 def _saved_tensors(ctx: Any, state: BlockState) -> tuple[torch.Tensor, ...]:

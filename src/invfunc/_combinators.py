@@ -28,22 +28,28 @@ class Chain(Invertible):
     and so the last block (its inverse) of the inverse chain.
     """
 
-    def __init__(self, blocks: Sequence[Invertible], params_last: int | None = None) -> None:
+    def __init__(self, blocks: Sequence[Invertible], params_of: Invertible | None = None) -> None:
         self.blocks = tuple(blocks)
-        self._params_last = params_last
+        # the inverse chain: the block whose inverse is last, and takes the parameters
+        self._params_of = params_of
         names = ", ".join(b._name for b in self.blocks)
-        super().__init__(
-            self._forward,
-            self._inverse_fn,
-            n_inputs=self.blocks[0].n_inputs,
-            name=f"chain({names})",
-            wraps=False,
-        )
+        super().__init__(self._forward, self._inverse_fn, name=f"chain({names})", wraps=False)
         self._arity = None
+
+    @property
+    def n_inputs(self) -> int | None:
+        return self.blocks[0].n_inputs
+
+    @property
+    def n_outputs(self) -> int | None:
+        return self.blocks[-1].n_outputs
+
+    def _learn(self, args: Sequence[Any], n_data: int, out: Any) -> None:
+        pass  # its blocks learn, as they run
 
     def _plan(self, args: Sequence[Any]) -> tuple[list[Invertible], tuple[Any, ...], tuple[Any, ...]]:
         blocks = self._flatten()
-        p = self._params_last
+        p = _n_params(self._params_of) if self._params_of is not None else 0
         if not p:
             return blocks, tuple(args), ()
         if len(args) <= p:
@@ -67,9 +73,8 @@ class Chain(Invertible):
     @property
     def inverse(self) -> Invertible:
         if self._inverse is None:
-            inv = Chain(
-                [b.inverse for b in reversed(self._flatten())], params_last=_n_params(self._flatten()[0])
-            )
+            blocks = self._flatten()
+            inv = Chain([b.inverse for b in reversed(blocks)], params_of=blocks[0])
             inv._inverse = self
             self._inverse = inv
         return self._inverse
@@ -78,15 +83,13 @@ class Chain(Invertible):
         return [leaf for b in self.blocks for leaf in b._flatten()]
 
     def _n_data(self, args: Sequence[Any]) -> int:
-        return self.blocks[0]._n_data(args)
+        blocks, first, _ = self._plan(args)
+        return blocks[0]._n_data(first)
 
 
 def _n_params(block: Invertible) -> int:
-    """How many trailing parameters ``block`` takes (0 when its signature is unknown)."""
-    arity = block._arity
-    if arity is None or arity[1] == float("inf"):
-        return 0
-    return max(int(arity[1]) - block.n_inputs, 0)
+    """How many trailing parameters ``block`` takes (0 when that is not known)."""
+    return block._counts.n_params or 0
 
 
 def chain(*fns: Invertible) -> Invertible:
@@ -139,6 +142,9 @@ class Coupling(Invertible):
         super().__init__(self._plain, self._plain_inverse, n_inputs=1, name=name, wraps=False)
         self._arity = None
 
+    def _learn(self, args: Sequence[Any], n_data: int, out: Any) -> None:
+        pass  # one tensor or a pair, each call as it comes
+
     # -- plain, differentiable directions -------------------------------------------
     def _split(self, x: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         if not isinstance(x, torch.Tensor):
@@ -152,13 +158,14 @@ class Coupling(Invertible):
             )
         d = self.dim % x.dim()
         n = x.size(d)
-        if n % 2:
+        if n < 2:
             raise ValueError(
-                f"invfunc.{self._name}: {what} has odd size {n} along dim {d} (shape {tuple(x.shape)}); "
-                "couple splits it into two equal halves. Pad it to an even size, or pass a pair (x1, x2)."
+                f"invfunc.{self._name}: {what} has size {n} along dim {d} (shape {tuple(x.shape)}); "
+                "couple splits it into two halves, which needs a size of at least 2. Pass "
+                "couple(..., dim=d) with the dimension to split."
             )
-        h = n // 2
-        return x.narrow(d, 0, h), x.narrow(d, h, h), d
+        h = n // 2  # FrEIA's convention for an odd size: x2 has the extra element
+        return x.narrow(d, 0, h), x.narrow(d, h, n - h), d
 
     def _pair(self, args: Sequence[Any], what: str) -> tuple[torch.Tensor, torch.Tensor]:
         if len(args) != 2:
@@ -175,18 +182,21 @@ class Coupling(Invertible):
         return self._coupled(*self._pair(xs, "input"))
 
     def _coupled(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y1 = x1 + self._half(self.F, "F", x2)
-        y2 = x2 + self._half(self.G, "G", y1) if self.G is not None else x2
+        y1 = x1 + self._half(self.F, "F", x2, x1)
+        y2 = x2 + self._half(self.G, "G", y1, x2) if self.G is not None else x2
         return y1, y2
 
-    def _half(self, fn: Callable[..., Any], which: str, x: torch.Tensor) -> torch.Tensor:
-        return self._check_half(fn(x), which, x)
+    def _half(self, fn: Callable[..., Any], which: str, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return self._check_half(fn(x), which, x, like.shape)
 
-    def _check_half(self, out: Any, which: str, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+    def _check_half(self, out: Any, which: str, x: torch.Tensor, like: torch.Size) -> torch.Tensor:
+        """F maps x2 to a tensor shaped like x1; G maps y1 to one shaped like x2."""
+        if not isinstance(out, torch.Tensor) or out.shape != like:
+            other = "x1" if which == "F" else "x2"
             raise ValueError(
-                f"invfunc.{self._name}: {which} returned {_shape(out)} for a half of shape {tuple(x.shape)}; "
-                f"{which} must map a half to a tensor of the same shape."
+                f"invfunc.{self._name}: {which} returned {_shape(out)} for an input of shape "
+                f"{tuple(x.shape)}; {which} must return a tensor shaped like {other}, "
+                f"{tuple(like)} (y1 = x1 + F(x2), y2 = x2 + G(y1))."
             )
         return out
 
@@ -198,8 +208,8 @@ class Coupling(Invertible):
         return self._uncoupled(*self._pair(ys, "output"))
 
     def _uncoupled(self, y1: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x2 = y2 - self._half(self.G, "G", y1) if self.G is not None else y2
-        x1 = y1 - self._half(self.F, "F", x2)
+        x2 = y2 - self._half(self.G, "G", y1, y2) if self.G is not None else y2
+        x1 = y1 - self._half(self.F, "F", x2, y1)
         return x1, x2
 
     @property
@@ -245,7 +255,7 @@ class Coupling(Invertible):
             reuse = torch.autograd.forward_ad._current_level < 0 and x1.nbytes >= REUSE_MIN_BYTES
             with section("F"):
                 f = self.F(x2)
-            check(f, "F", x2)
+            check(f, "F", x2, x1.shape)
             section.output("F", f)
             y1 = f.add_(x1) if reuse and owned(f, x1, sys.getrefcount(f)) else x1 + f
             del f
@@ -253,7 +263,7 @@ class Coupling(Invertible):
                 return y1, x2
             with section("G"):
                 g = self.G(y1)
-            check(g, "G", y1)
+            check(g, "G", y1, x2.shape)
             section.output("G", g)
             return y1, g.add_(x2) if reuse and owned(g, x2, sys.getrefcount(g)) else x2 + g
         x = args[0]
@@ -261,11 +271,11 @@ class Coupling(Invertible):
             # no out= writes (they take neither wrapped nor dual tensors)
             x1, x2, d = self._split(x, "the input")
             with section("F"):
-                y1 = x1 + check(self.F(x2), "F", x2)
+                y1 = x1 + check(self.F(x2), "F", x2, x1.shape)
             if self.G is None:
                 return torch.cat([y1, x2], d)
             with section("G"):
-                return torch.cat([y1, x2 + check(self.G(y1), "G", y1)], d)
+                return torch.cat([y1, x2 + check(self.G(y1), "G", y1, x2.shape)], d)
         x1, x2, d = self._split(x.detach(), "the input")
         if (
             type(x) is torch.Tensor
@@ -277,22 +287,23 @@ class Coupling(Invertible):
             # output when nobody holds it), y assembled once the input's fate is known
             with section("F"):
                 f = self.F(x2)
-            check(f, "F", x2)
+            check(f, "F", x2, x1.shape)
             section.output("F", f)
             y1 = f.add_(x1) if owned(f, x1, sys.getrefcount(f)) else x1 + f
+            x2_shape = x2.shape
             del f, x1, x2
             if self.G is None:
                 return Pending(x, y1, None, d)
             with section("G"):
                 g = self.G(y1)
-            check(g, "G", y1)
+            check(g, "G", y1, x2_shape)
             section.output("G", g)
             return Pending(x, y1, g, d)
         y = torch.empty_like(x)
-        y1, y2 = y.split_with_sizes([x1.size(d), x1.size(d)], d)
+        y1, y2 = y.split_with_sizes([x1.size(d), x2.size(d)], d)
         with section("F"):
             f = self.F(x2)
-        check(f, "F", x2)
+        check(f, "F", x2, x1.shape)
         section.output("F", f)
         if self.G is None:
             torch.add(x1, f, out=y1)
@@ -302,7 +313,7 @@ class Coupling(Invertible):
         del f
         with section("G"):
             g = self.G(y1)  # a strided view, as F's x2 and as y1 in the backward's recompute
-        check(g, "G", y1)
+        check(g, "G", y1, x2.shape)
         section.output("G", g)
         torch.add(x2, g, out=y2)
         return y
@@ -337,8 +348,10 @@ class Coupling(Invertible):
         live = state.live_inputs() if fast and state.live else [None] * n_data
         if n_data == 1:
             d = self.dim % outs[0].dim()
-            h = outs[0].size(d) // 2
-            gy1, gy2 = grads[0].split_with_sizes([h, h], d)
+            n = outs[0].size(d)
+            h = n // 2
+            sizes = [h, n - h]  # x2 has the extra element of an odd size
+            gy1, gy2 = grads[0].split_with_sizes(sizes, d)
             on_storage = 3  # NOTE [Incoming gradients nobody holds]: grads[0] and its halves
             mine = [fast and own[0]] * 2
             if fast and handles[0] is not None and handles[0].freed:
@@ -350,10 +363,10 @@ class Coupling(Invertible):
                 # two views with their own version counters: writing x1 must not look like
                 # an in-place change of the x2 that F's recompute saved (nor writing x2 of
                 # the y1 that G's recompute saved)
-                x1_dst, x2_dst = handles[0].view().narrow(d, 0, h), handles[0].view().narrow(d, h, h)
-                y1, y2 = (x1_dst, x2_dst) if spare is not None else outs[0].split_with_sizes([h, h], d)
+                x1_dst, x2_dst = handles[0].view().narrow(d, 0, h), handles[0].view().narrow(d, h, n - h)
+                y1, y2 = (x1_dst, x2_dst) if spare is not None else outs[0].split_with_sizes(sizes, d)
             else:
-                y1, y2 = outs[0].split_with_sizes([h, h], d)
+                y1, y2 = outs[0].split_with_sizes(sizes, d)
         else:
             y1, y2 = outs
             gy1, gy2 = grads
@@ -378,7 +391,7 @@ class Coupling(Invertible):
             g_out, pull_g = section_vjp(state, self.G, "G", g_in, captured, cap_needs)
             del g_in
             if live[-1] is not None:
-                x2 = live[-1] if n_data == 2 else live[-1].narrow(d, h, h)
+                x2 = live[-1] if n_data == 2 else live[-1].narrow(d, h, n - h)
             else:
                 x2 = torch.sub(y2, g_out, out=x2_dst) if x2_dst is not None else y2 - g_out
             if fast:
@@ -431,7 +444,7 @@ class Coupling(Invertible):
             # the whole input's gradient is allocated only now, after F's recompute and
             # backward, the moment of this backward's peak memory
             gx = torch.empty_like(grads[0], memory_format=torch.contiguous_format)
-            gx1, gx2 = gx.split_with_sizes([h, h], d)
+            gx1, gx2 = gx.split_with_sizes(sizes, d)
             gx1.copy_(gz1)
             del gz1
             torch.add(gy2, g_x2, out=gx2)
@@ -463,6 +476,9 @@ class _Variadic(Invertible):
         super().__init__(fn, inverse, n_inputs=1, name=name, wraps=False)
         self._arity = None
 
+    def _learn(self, args: Sequence[Any], n_data: int, out: Any) -> None:
+        pass  # one tensor or a pair, each call as it comes
+
     def _n_data(self, args: Sequence[Any]) -> int:
         return len(args)
 
@@ -473,9 +489,13 @@ def _alone(t: torch.Tensor, n: int) -> bool:
     return _use_count(t.untyped_storage()._cdata) == n + 1  # and the temporary storage object
 
 
+def _sizes(n: int) -> list[int]:
+    """The sizes of the halves of ``n`` elements: the second has the extra one (FrEIA's)."""
+    return [n // 2, n - n // 2]
+
+
 def _split_halves(x: torch.Tensor, *, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    h = x.size(d) // 2
-    a, b = x.split_with_sizes([h, h], d)
+    a, b = x.split_with_sizes(_sizes(x.size(d)), d)
     return a.clone(memory_format=torch.contiguous_format), b.clone(memory_format=torch.contiguous_format)
 
 
@@ -524,7 +544,7 @@ class _Halves(Invertible):
         d, handles = self.d, state.handles
         if handles is not None:
             if self.join:  # the pair, rebuilt from the caller's output (which stays)
-                for h, half in zip(handles, outs[0].detach().split_with_sizes([outs[0].size(d) // 2] * 2, d)):
+                for h, half in zip(handles, outs[0].detach().split_with_sizes(_sizes(outs[0].size(d)), d)):
                     if h is not None and h.freed:
                         h.view().copy_(half)
             elif handles[0] is not None and handles[0].freed:
@@ -534,7 +554,7 @@ class _Halves(Invertible):
         state.release_output()
         if self.join:
             g = grads[0]
-            data_grads = list(g.split_with_sizes([g.size(d) // 2] * 2, d))
+            data_grads = list(g.split_with_sizes(_sizes(g.size(d)), d))
         else:
             data_grads = [torch.cat([grads[0], grads[1]], d)]
         return [g if n else None for g, n in zip(data_grads, needs)]
@@ -571,7 +591,7 @@ def pairs_inside(blocks: list[Invertible], first: tuple[Any, ...]) -> list[Inver
     if x.dim() == 0 or _is_wrapped(x) or not all(type(b) is Coupling for b in blocks):
         return blocks
     d = blocks[0].dim % x.dim()  # type: ignore[attr-defined]
-    if x.size(d) % 2 or any(b.dim % x.dim() != d for b in blocks):  # type: ignore[attr-defined]
+    if x.size(d) < 2 or any(b.dim % x.dim() != d for b in blocks):  # type: ignore[attr-defined]
         return blocks  # the couplings raise their own clear errors
     split, join = _halves(d)
     return [split, *blocks, join]

@@ -34,7 +34,105 @@ def _arity(fn: Callable[..., Any]) -> tuple[int, float] | None:
 
 
 def _name(fn: object) -> str:
+    """A readable name: a ``functools.partial`` by the function it wraps."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
     return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _fixed(arity: tuple[int, float] | None) -> int | None:
+    """The number of positional arguments of a signature that takes exactly that many."""
+    if arity is None or arity[0] != arity[1]:
+        return None
+    return arity[0]
+
+
+class _Arity:
+    """How many data arguments each direction of a pair takes (NOTE [Data and parameters]).
+
+    NOTE [Data and parameters]
+
+    1. A function ``f`` takes ``n_in`` data tensors followed by ``P`` parameters, and
+       returns ``n_out`` data tensors; its inverse takes those ``n_out`` tensors followed
+       by the same ``P`` parameters, and returns the ``n_in``. A split has ``n_in = 1,
+       n_out = 2``; its inverse, a merge, takes 2 data tensors.
+    2. ``n_in`` is declared (``n_inputs=``, default 1). ``P`` is known from a signature
+       of fixed size, or learnt from a call. ``n_out`` is declared (``n_outputs=``), or
+       follows from the inverse's signature of fixed size and ``P``, or is learnt from a
+       call of either direction.
+    3. The inverse's data count at a call is ``n_out`` if known, else the arguments less
+       ``P`` if ``P`` is known, else 1 if it is called with one argument; otherwise it
+       cannot be told, and the call is refused before anything runs, naming the fix.
+    4. A declaration that contradicts a fixed signature is refused when the pair is made.
+    """
+
+    __slots__ = ("n_in", "n_out", "n_params")
+
+    def __init__(
+        self,
+        name: str,
+        n_in: int,
+        n_out: int | None,
+        fwd: tuple[int, float] | None,
+        inv: tuple[int, float] | None,
+    ) -> None:
+        self.n_in, self.n_out = n_in, n_out
+        f, i = _fixed(fwd), _fixed(inv)
+        self.n_params: int | None = None
+        if f is not None:
+            self.n_params = f - n_in
+        elif i is not None and n_out is not None:
+            self.n_params = i - n_out
+        where = f"invfunc.invertible({name})"
+        if n_out is None and i is not None and self.n_params is not None and i - self.n_params >= 1:
+            self.n_out = i - self.n_params  # the inverse's signature says how many outputs
+        if self.n_params is not None and self.n_params < 0:
+            raise ValueError(
+                f"{where}: it takes {f} positional argument(s) but n_inputs={n_in} data inputs were "
+                "declared; declare n_inputs= as the number of leading data arguments."
+            )
+        if inv is not None and self.n_params is not None:
+            lo, hi = inv
+            need = (n_out if n_out is not None else 1) + self.n_params
+            if n_out is None and hi < need:
+                raise ValueError(
+                    f"{where}: with n_inputs={n_in}, its last {self.n_params} argument(s) are "
+                    f"parameters that the inverse takes too, after at least one output, but the "
+                    f"inverse takes {hi:.0f} positional argument(s). If the function merges "
+                    f"{n_in + self.n_params} inputs into one, declare n_inputs={n_in + self.n_params}."
+                )
+            if n_out is not None and not lo <= need <= hi:
+                raise ValueError(
+                    f"{where}: its inverse must take the {n_out} output(s) (n_outputs={n_out}) and "
+                    f"the {self.n_params} parameter(s), {need} positional argument(s), but it takes "
+                    f"{lo if lo == hi else f'{lo} to {hi:.0f}'}; check n_inputs= and n_outputs=."
+                )
+
+    def inverse_data(self, args: Sequence[Any], name: str) -> int:
+        """The inverse's data count for a call with ``args`` (rule 3)."""
+        if self.n_out is not None:
+            return self.n_out
+        if self.n_params is not None and len(args) > self.n_params:
+            return len(args) - self.n_params
+        if len(args) == 1:
+            return 1
+        raise TypeError(
+            f"invfunc.invertible_call({name}, ...): cannot tell how many of its {len(args)} arguments "
+            "are outputs to invert and how many are parameters: the function's signature does not "
+            "say, and it has not been called yet. Declare invertible(..., n_outputs=k) with the number "
+            "of tensors the function returns."
+        )
+
+    def learn(self, n_params: int, n_out: int) -> None:
+        """What a call showed (rule 2): its parameter count, and the forward's output count."""
+        if self.n_params is None and n_params >= 0:
+            self.n_params = n_params
+        if self.n_out is None and n_out >= 1:
+            self.n_out = n_out
+
+
+def _count(out: Any) -> int:
+    return len(out) if isinstance(out, tuple) else 1
 
 
 class Invertible:
@@ -47,6 +145,10 @@ class Invertible:
     Attributes:
         n_inputs: how many leading positional arguments are data (rebuilt by the
             inverse); the remaining ones are parameters shared by both directions.
+            None for an inverse whose function's output count is not known yet
+            (NOTE [Data and parameters]).
+        n_outputs: how many data tensors it returns (the inverse's ``n_inputs``), or
+            None while unknown.
 
     Examples:
         >>> import torch, invfunc as inv
@@ -67,8 +169,10 @@ class Invertible:
         inverse: Callable[..., Any],
         *,
         n_inputs: int = 1,
+        n_outputs: int | None = None,
         name: str | None = None,
         wraps: bool = True,
+        _counts: _Arity | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"invfunc.invertible: expected a callable to wrap, got {type(fn).__name__}.")
@@ -78,16 +182,21 @@ class Invertible:
             raise TypeError(
                 f"invfunc.invertible({_name(fn)}): inverse= must be a callable, got {type(inverse).__name__}."
             )
-        if not isinstance(n_inputs, int) or isinstance(n_inputs, bool) or n_inputs < 1:
-            raise ValueError(
-                f"invfunc.invertible({_name(fn)}): n_inputs= must be a positive int (the number of "
-                f"leading data arguments), got {n_inputs!r}."
-            )
+        for option, value, what in (("n_inputs", n_inputs, "arguments"), ("n_outputs", n_outputs, "outputs")):
+            if value is None and option == "n_outputs":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(
+                    f"invfunc.invertible({_name(fn)}): {option}= must be a positive int (the number of "
+                    f"data {what}), got {value!r}."
+                )
         self._fn = fn
         self._inv = inverse
-        self.n_inputs = n_inputs
         self._name = name or _name(fn)
         self._arity = _arity(fn)
+        # shared with the inverse, which reads it the other way round
+        self._is_inverse = False
+        self._counts = _counts or _Arity(self._name, n_inputs, n_outputs, self._arity, _arity(inverse))
         self._inverse: Invertible | None = None
         if wraps:
             functools.update_wrapper(self, fn, updated=())  # type: ignore[arg-type]
@@ -95,13 +204,26 @@ class Invertible:
     # -- the public face ----------------------------------------------------------
     def __call__(self, *args: Any) -> Any:
         self._check_arity(args, "call")
-        return self._fn(*args)
+        n_data = self._n_data(args)
+        out = self._fn(*args)
+        self._learn(args, n_data, out)
+        return out
+
+    @property
+    def n_inputs(self) -> int | None:
+        return self._counts.n_out if self._is_inverse else self._counts.n_in
+
+    @property
+    def n_outputs(self) -> int | None:
+        return self._counts.n_in if self._is_inverse else self._counts.n_out
 
     @property
     def inverse(self) -> Invertible:
-        """The inverse, itself an :class:`Invertible` whose inverse is ``self``."""
+        """The inverse, itself an :class:`Invertible` whose inverse is ``self``: it takes the
+        function's outputs and the same trailing parameters."""
         if self._inverse is None:
-            inv = Invertible(self._inv, self._fn, n_inputs=self.n_inputs, name=f"inverse({self._name})")
+            inv = Invertible(self._inv, self._fn, name=f"inverse({self._name})", _counts=self._counts)
+            inv._is_inverse = not self._is_inverse
             inv._inverse = self
             self._inverse = inv
         return self._inverse
@@ -118,13 +240,24 @@ class Invertible:
             lo, hi = self._arity
             if not lo <= len(args) <= hi:
                 want = f"{lo}" if lo == hi else f"{lo} to {hi}"
+                data = self.n_inputs
+                split = f" ({data} data, the rest parameters)" if data is not None else ""
                 raise TypeError(
                     f"invfunc.invertible_call({self._name}, ...): {self._name} takes {want} positional "
-                    f"arguments ({self.n_inputs} data, the rest parameters) but {what} gave {len(args)}."
+                    f"arguments{split} but {what} gave {len(args)}."
                 )
 
     def _n_data(self, args: Sequence[Any]) -> int:
-        return self.n_inputs
+        """How many of ``args`` are data (NOTE [Data and parameters])."""
+        if self._is_inverse:
+            return self._counts.inverse_data(args, self._name)
+        return self._counts.n_in
+
+    def _learn(self, args: Sequence[Any], n_data: int, out: Any) -> None:
+        """Learn the parameter and output counts from a call (NOTE [Data and parameters])."""
+        counts = self._counts
+        if counts.n_out is None or counts.n_params is None:
+            counts.learn(len(args) - n_data, n_data if self._is_inverse else _count(out))
 
     def _plan(self, args: Sequence[Any]) -> tuple[list[Invertible], tuple[Any, ...], tuple[Any, ...]]:
         """The blocks to run, the first block's arguments, and extra trailing arguments
@@ -133,7 +266,9 @@ class Invertible:
 
     def _run(self, args: Sequence[Any], section: Any) -> Any:
         """The forward, run once under no_grad while the engine records (see _apply.py)."""
-        return self._fn(*args)
+        out = self._fn(*args)
+        self._learn(args, self._n_data(args), out)
+        return out
 
     def _static_sections(self) -> dict[str, tuple[list[torch.Tensor], bool]] | None:
         """What each section reads, if known without running it (NOTE [Static discovery])."""
@@ -153,13 +288,20 @@ class Invertible:
 
 
 @overload
-def invertible(fn: _F, /, *, inverse: Callable[..., Any], n_inputs: int = 1) -> Invertible: ...
+def invertible(
+    fn: _F, /, *, inverse: Callable[..., Any], n_inputs: int = 1, n_outputs: int | None = None
+) -> Invertible: ...
 @overload
 def invertible(
-    fn: None = None, /, *, inverse: Callable[..., Any], n_inputs: int = 1
+    fn: None = None, /, *, inverse: Callable[..., Any], n_inputs: int = 1, n_outputs: int | None = None
 ) -> Callable[[Callable[..., Any]], Invertible]: ...
 def invertible(
-    fn: Callable[..., Any] | None = None, /, *, inverse: Callable[..., Any], n_inputs: int = 1
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    inverse: Callable[..., Any],
+    n_inputs: int = 1,
+    n_outputs: int | None = None,
 ) -> Invertible | Callable[[Callable[..., Any]], Invertible]:
     """Pair a pure function with its inverse.
 
@@ -203,7 +345,7 @@ def invertible(
     """
 
     def wrap(f: Callable[..., Any]) -> Invertible:
-        return Invertible(f, inverse, n_inputs=n_inputs)
+        return Invertible(f, inverse, n_inputs=n_inputs, n_outputs=n_outputs)
 
     if fn is None:
         return wrap

@@ -170,6 +170,17 @@ class StorageHandle:
             if rebuild is not None:
                 _GUARDS[key] = (weakref.ref(t, functools.partial(_forget, key)), rebuild)
 
+    def lose(self, why: str) -> None:
+        """The tensor can no longer be rebuilt: reading it raises, saying ``why``."""
+        t = self.tensor
+        if t is not None and type(t) is Freed:
+            key = id(t)
+
+            def lost() -> None:
+                raise FreedTensorError(why)
+
+            _GUARDS[key] = (weakref.ref(t, functools.partial(_forget, key)), lost)
+
     def view(self) -> torch.Tensor:
         """A new tensor on the (refilled) storage, with its own version counter."""
         if self.storage.nbytes() == 0:
@@ -259,6 +270,9 @@ _METADATA = {
     "is_cuda",
     "is_sparse",
     "untyped_storage",
+    "storage",
+    "_typed_storage",
+    "is_set_to",
     "_version",
     "_is_view",
     "_base",
@@ -300,7 +314,15 @@ def _rebuild_guarded(t: torch.Tensor) -> None:
             "the graph that held the block's outputs was dropped without a backward. "
             "Pass it in keep= (or clone it) before the call if you need it afterwards."
         )
-    entry[1]()
+    try:
+        entry[1]()
+    except FreedTensorError:
+        raise
+    except Exception as e:
+        raise FreedTensorError(
+            f"invfunc: this tensor was freed by invertible_call, and rebuilding it on this read "
+            f"failed ({type(e).__name__}: {e}); its value is lost."
+        ) from e
     if type(t) is Freed:
         raise FreedTensorError("invfunc: rebuilding a freed tensor did not restore it (internal error).")
 

@@ -318,7 +318,7 @@ class _Builder:
                 return _each(bwd, ys, ())
 
             f_plain.__qualname__ = f_plain.__name__ = name
-            return invertible(f_plain, inverse=i_plain, n_inputs=n), (), name
+            return invertible(f_plain, inverse=i_plain, n_inputs=n, n_outputs=n), (), name
         if explicit:  # fixed signatures: data inputs, then one parameter per input
             f: Callable[..., Any]
             i: Callable[..., Any]
@@ -350,7 +350,7 @@ class _Builder:
             return _each(bwd, ys, ps)
 
         f_captured.__qualname__ = f_captured.__name__ = name
-        return invertible(f_captured, inverse=i_captured, n_inputs=n), (), name
+        return invertible(f_captured, inverse=i_captured, n_inputs=n, n_outputs=n), (), name
 
 
 def _each(op: Callable[..., torch.Tensor], xs: Sequence[torch.Tensor], ps: Sequence[torch.Tensor]) -> Any:
