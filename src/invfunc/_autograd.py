@@ -67,9 +67,9 @@ from typing import Any
 import torch
 
 from ._errors import InvfuncError
-from ._storage import Freed
 from ._reuse import _unheld
 from ._state import BlockState, _replay_region
+from ._storage import Freed
 from ._vjp import _fast_path, block_vjp
 
 __all__ = ["rebuild"]
