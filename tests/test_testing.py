@@ -432,7 +432,10 @@ def test_composites_generate_valid_composites(data: st.DataObject) -> None:
     c = data.draw(composites(min_depth=lo, max_depth=hi, width=2, batch=3, dtype=dtype))
     assert torch.equal(before, torch.get_rng_state())  # the global generator is not used
     assert isinstance(c, Composite) and repr(c).startswith("Composite(chain(")
-    assert lo <= len(c.net.blocks) <= hi  # type: ignore[attr-defined]
+    # a regroup is one drawn block made of 2 (one tensor) or 4 (a pair) split and merge blocks
+    names = [b._name for b in c.net.blocks]  # type: ignore[attr-defined]
+    regroups = sum("split@" in n for n in names)
+    assert lo <= len(names) - regroups * (1 if c.form == "single" else 3) <= hi
     assert len(c.block_args) == len(c.net.blocks)  # type: ignore[attr-defined]
     x, again = c.make_input(), c.make_input()
     shapes = [(3, 2), (3, 2)] if c.form == "pair" else [(3, 4)]
@@ -469,7 +472,9 @@ def test_composites_cover_every_kind() -> None:
         blocks = c.net.blocks  # type: ignore[attr-defined]
         seen.update(type(b).__name__ for b in blocks)
         seen.update(
-            w for w in ("closure", "MLP", "Linear", "None", "dim=-1", "inverse(chain(") if w in c.description
+            w
+            for w in ("closure", "MLP", "Linear", "None", "dim=-1", "inverse(chain(", "regroup@")
+            if w in c.description
         )
         seen.update(
             f for f in ("tanh", "sin", "silu") if f"{f}," in c.description or f"{f})" in c.description
@@ -480,6 +485,7 @@ def test_composites_cover_every_kind() -> None:
 
     collect()
     assert seen >= {
+        "regroup@",  # splits and merges
         "Coupling",  # couplings
         "_Variadic",  # inverses of couplings
         "Invertible",  # elementwise blocks

@@ -44,14 +44,16 @@ NOTE [Recompute divergence]
 What no rule above covers (an op that is not seen as a choice: ``remainder``,
 ``F.gumbel_softmax(hard=True)``, ``grid_sample`` in nearest mode; a Python branch on
 something else than a tensor) is detected: the forward keeps a checksum of each
-recorded section's output (sums over chunks of 512 elements, in float64, and the chunks'
-L1 norms; under 1 % of the output's bytes), and the recompute's output is compared with
-it. A chunk whose sum moved by more than the tolerance times its L1 norm means the
+recorded section's output (sums over chunks of 512 elements and the chunks' L2 norms, in
+the output's precision; under 1 % of the output's bytes, two reductions), and the
+recompute's output is compared with it. A chunk whose sum moved by more than the
+tolerance (:data:`RECOMPUTE_RTOL`: 1e-3 for float32) times its L2 norm means the
 recompute is not the forward's computation: warned with :class:`InvertibilityWarning`
 (raised as :class:`InvfuncError` under ``invfunc.verify("raise")``), and reported to
 :func:`invfunc.explain` as ``diverged``. Round-off moves a chunk's sum by about the
-rebuilt input's relative drift times its L1 norm; a single element that jumps by its own
-magnitude moves it by a fraction 1/512 of it. Blocks whose reads are known statically
+output's relative drift times its L2 norm (random signs add up as the norm does); one
+element that jumps by the chunk's root mean square moves it by 1/sqrt(512) of the norm,
+4e-2, well past the tolerance. Blocks whose reads are known statically
 (built-in modules, NOTE [Static discovery]) make no choices and are not checked.
 """
 
@@ -332,10 +334,21 @@ def _gather(name: str, args: Sequence[Any], kwargs: dict[str, Any], index: _Tens
     return x.gather(dim, index.unsqueeze(dim)).squeeze(dim)  # type: ignore[no-any-return]
 
 
+#: How far a recomputed section's output may move before it is reported (NOTE [Recompute
+#: divergence]): a chunk's sum, relative to the chunk's L2 norm, moves by about the
+#: output's own relative drift; ten times the tolerance of ``invfunc.verify`` for inputs.
+RECOMPUTE_RTOL: dict[torch.dtype, float] = {
+    torch.float64: 1e-7,
+    torch.float32: 1e-3,
+    torch.float16: 5e-2,
+    torch.bfloat16: 1e-1,
+}
+
+
 class Checksum:
     """Chunk sums of one recorded section's output (NOTE [Recompute divergence])."""
 
-    __slots__ = ("l1", "shape", "sums")
+    __slots__ = ("norms", "shape", "sums")
 
     CHUNK = 512
 
@@ -353,33 +366,37 @@ class Checksum:
 
     def __init__(self, t: _Tensor) -> None:
         self.shape = t.shape
-        self.sums, self.l1 = _chunk_sums(t)
+        self.sums, self.norms = _chunk_sums(t)
 
     @property
     def nbytes(self) -> int:
-        return self.sums.numel() * 8 + self.l1.numel() * 4
+        return self.sums.numel() * self.sums.element_size() + self.norms.numel() * self.norms.element_size()
 
     def error(self, t: _Tensor) -> float:
-        """The largest change of a chunk's sum, relative to that chunk's L1 norm."""
+        """The largest change of a chunk's sum, relative to that chunk's L2 norm."""
         if t.shape != self.shape:
             return float("inf")
-        sums, _ = _chunk_sums(t, l1=False)
-        floor = float(self.l1.mean()) * 1e-6 + 1e-30
-        err = (sums - self.sums).abs() / (self.l1.double() + floor)
-        return float(err.max())
+        sums, _ = _chunk_sums(t, norms=False)
+        floor = float(self.norms.mean()) * 1e-6 + 1e-30
+        return float(((sums - self.sums).abs() / (self.norms + floor)).max())
 
 
-def _chunk_sums(t: _Tensor, *, l1: bool = True) -> tuple[_Tensor, _Tensor]:
+def _chunk_sums(t: _Tensor, *, norms: bool = True) -> tuple[_Tensor, _Tensor]:
+    """Sums over chunks of ``Checksum.CHUNK`` elements, and the chunks' L2 norms, in the
+    tensor's precision (float32 at least): the same values give the same sums, bit for bit,
+    and the rounding of a float32 sum is far below the tolerance."""
     with torch.no_grad():
         flat = t.detach().reshape(-1)
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()
         c = Checksum.CHUNK
         m = flat.numel() // c
         parts = [flat[: m * c].view(m, c)] if m else []
         if flat.numel() > m * c:
             parts.append(flat[m * c :].view(1, -1))
-        sums = torch.cat([p.sum(1, dtype=torch.float64) for p in parts])
-        if not l1:
-            return sums, sums
-        acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
-        norms = torch.cat([torch.linalg.vector_norm(p, 1, dim=1, dtype=acc) for p in parts])
-        return sums, norms.float()
+        sums = [p.sum(1) for p in parts]
+        sum_ = sums[0] if len(sums) == 1 else torch.cat(sums)
+        if not norms:
+            return sum_, sum_
+        l2 = [torch.linalg.vector_norm(p, 2, dim=1) for p in parts]
+        return sum_, l2[0] if len(l2) == 1 else torch.cat(l2)

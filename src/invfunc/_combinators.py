@@ -615,8 +615,11 @@ def couple(F: Callable[..., Any], G: Callable[..., Any] | None = None, *, dim: i
     RevNet algorithm), rebuilding the input on the way.
 
     Args:
-        F: maps the second half to a tensor of the shape of a half.
-        G: maps the first output half to a tensor of that shape, or None.
+        F: maps the second half ``x2`` to a tensor shaped like the first, ``x1``.
+        G: maps the first output half ``y1`` to a tensor shaped like ``x2``, or None.
+            The halves need not be equal: a pair of any two shapes F and G map
+            between, or one tensor of odd size ``n`` along ``dim``, split into
+            ``n // 2`` and ``n - n // 2``.
         dim: the dimension to split a single input along. The default, 1, is the
             channel axis of ``(B, C, H, W)`` images; on ``(B, T, C)`` activations
             (transformers) it is the token axis, which splits the sequence, not the
@@ -633,6 +636,9 @@ def couple(F: Callable[..., Any], G: Callable[..., Any] | None = None, *, dim: i
         >>> y1, y2 = block(x[:, :3], x[:, 3:])             # the pair form
         >>> torch.allclose(torch.cat([y1, y2], 1), block(x))
         True
+        >>> uneven = inv.couple(torch.nn.Linear(3, 2), torch.nn.Linear(2, 3))
+        >>> uneven(torch.randn(2, 5)).shape               # split 2 + 3
+        torch.Size([2, 5])
     """
     if not callable(F):
         raise TypeError(f"invfunc.couple(F, G): F must be callable, got {type(F).__name__}.")

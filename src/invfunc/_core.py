@@ -316,6 +316,9 @@ def invertible(
         inverse: its inverse: ``inverse(*fn(*xs, *ps), *ps) == xs``.
         n_inputs: how many leading arguments are data (default 1); the rest are
             parameters shared by both directions.
+        n_outputs: how many data tensors ``fn`` returns, which its inverse takes before
+            the parameters. Needed only when neither signature says it (``*args``) and
+            the inverse is called before ``fn`` (NOTE [Data and parameters]).
 
     Returns:
         An :class:`Invertible`. Calling it is a plain call; pass it to
@@ -342,6 +345,14 @@ def invertible(
         >>> y.sum().backward()
         >>> w.grad
         tensor([3., 3.])
+
+        A split returns more tensors than it takes; its inverse is a merge of them:
+
+        >>> split = inv.invertible(lambda x: (x[:1], x[1:]), inverse=lambda a, b: torch.cat([a, b]))
+        >>> split.n_outputs, split.inverse.n_inputs
+        (2, 2)
+        >>> split.inverse(*split(torch.arange(3.0)))
+        tensor([0., 1., 2.])
     """
 
     def wrap(f: Callable[..., Any]) -> Invertible:

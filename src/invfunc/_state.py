@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from . import _verify
-from ._choices import Checksum, Choice
+from ._choices import RECOMPUTE_RTOL, Checksum, Choice
 from ._errors import InvfuncError
 from ._explain import _Explain, _reports
 from ._replay import AutocastState, RngState, Tracer
@@ -228,7 +228,7 @@ class BlockState:
             if c is None or not Checksum.supports(t):
                 continue
             err = c.error(t)
-            tol = self.policy[1] or _verify.DEFAULT_RTOL.get(t.dtype, 1e-4)
+            tol = self.policy[1] or RECOMPUTE_RTOL.get(t.dtype, 1e-3)
             if not err <= tol:
                 what = "the block" if len(self.block._sections) == 1 else section
                 out = f"output {i}" if len(sums) > 1 else "its output"

@@ -52,6 +52,8 @@ BLOCKS: dict[str, str] = {
     "scale": "x * exp(s), inverse y * exp(-s); s an argument (first block only) or captured",
     "shift": "x + b, inverse y - b; b an argument (first block only) or captured",
     "affine": "1.5 * x - 0.5, no parameters",
+    "regroup": "a split of the features at a random width and a merge in the other order (a "
+    "rotation of the features), blocks with other numbers of inputs and outputs",
 }
 
 #: Data forms drawn by default (one tensor split in halves by the couplings, or a pair).
@@ -352,6 +354,45 @@ class _Builder:
         f_captured.__qualname__ = f_captured.__name__ = name
         return invertible(f_captured, inverse=i_captured, n_inputs=n, n_outputs=n), (), name
 
+    def regroup(self, form: str) -> tuple[Invertible, str]:
+        """Split the features at a random width k and merge the parts the other way round;
+        a pair is merged first and split back into halves last (NOTE [Data and parameters])."""
+        n = 2 * self.width
+        k = self.draw(st.integers(1, n - 1))
+        scale = 1.5  # the first part is scaled: the rotation is not a permutation of values
+
+        def split_at(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x[:, :k] * scale, x[:, k:].clone()  # no views: every boundary can be freed
+
+        def merge_from(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.cat([a / scale, b], 1)
+
+        def merge_swapped(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.cat([b, a], 1)
+
+        def split_swapped(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return y[:, n - k :].clone(), y[:, : n - k].clone()
+
+        split_at.__qualname__ = split_at.__name__ = f"split@{k}"
+        merge_swapped.__qualname__ = merge_swapped.__name__ = "merge_swapped"
+        blocks = [
+            invertible(split_at, inverse=merge_from),
+            invertible(merge_swapped, inverse=split_swapped, n_inputs=2),
+        ]
+        if form == "pair":
+            halves = invertible(_split_half, inverse=_merge_halves)
+            blocks = [halves.inverse, *blocks, halves]
+        return chain(*blocks), f"regroup@{k}"
+
+
+def _split_half(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = x.chunk(2, 1)
+    return a.clone(), b.clone()
+
+
+def _merge_halves(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cat([a, b], 1)
+
 
 def _each(op: Callable[..., torch.Tensor], xs: Sequence[torch.Tensor], ps: Sequence[torch.Tensor]) -> Any:
     out = tuple(op(x, p) for x, p in zip(xs, ps)) if ps else tuple(op(x) for x in xs)
@@ -395,11 +436,13 @@ def composites(
     explicit: bool = True,
     nested: bool = True,
 ) -> st.SearchStrategy[Composite]:
-    """A strategy for random invertible composites: chains of couplings and elementwise blocks.
+    """A strategy for random invertible composites: chains of couplings, elementwise blocks,
+    splits and merges.
 
     Each example is a :class:`Composite`: a chain of ``min_depth`` to ``max_depth``
     blocks drawn from ``blocks`` (see :data:`BLOCKS`: couplings, one-sided couplings,
-    inverses of couplings, ``x * exp(s)``, ``x + b``, an affine map), whose ``F`` and
+    inverses of couplings, ``x * exp(s)``, ``x + b``, an affine map, a split at a random
+    width merged back in the other order), whose ``F`` and
     ``G`` are drawn from ``layers`` (see :data:`LAYERS`: ``nn.Linear``, a
     Linear-Tanh-Linear MLP, closures capturing tensors that require grad, functions
     without parameters). The data is one tensor or a pair (see :data:`FORMS`). With
@@ -444,7 +487,7 @@ def composites(
         Traceback (most recent call last):
             ...
         hypothesis.errors.InvalidArgument: composites(...): blocks= contains the unknown kind 'swap'; valid
-        kinds are 'coupling', 'one_sided', 'inverse_coupling', 'scale', 'shift', 'affine'.
+        kinds are 'coupling', 'one_sided', 'inverse_coupling', 'scale', 'shift', 'affine', 'regroup'.
     """
     where = "composites(...)"
     lo = _check_int(min_depth, "min_depth", where, minimum=1)
@@ -474,6 +517,8 @@ def composites(
                 block, name = b.coupling(form, one_sided=kind == "one_sided")
                 if kind == "inverse_coupling":
                     block, name = block.inverse, f"inverse({name})"
+            elif kind == "regroup":
+                block, name = b.regroup(form)
             else:
                 as_args = use_explicit and k == 0 and kind != "affine" and draw(st.booleans())
                 block, args_k, name = b.elementwise(kind, form, as_args)
