@@ -348,7 +348,7 @@ RECOMPUTE_RTOL: dict[torch.dtype, float] = {
 class Checksum:
     """Chunk sums of one recorded section's output (NOTE [Recompute divergence])."""
 
-    __slots__ = ("norms", "shape", "sums")
+    __slots__ = ("scale", "shape", "sums")
 
     CHUNK = 512
 
@@ -366,19 +366,20 @@ class Checksum:
 
     def __init__(self, t: _Tensor) -> None:
         self.shape = t.shape
-        self.sums, self.norms = _chunk_sums(t)
+        self.sums, norms = _chunk_sums(t)
+        # each chunk's norm, floored (an all-zero chunk) at a millionth of the mean one
+        self.scale = norms.add_(norms.mean() * 1e-6 + 1e-30)
 
     @property
     def nbytes(self) -> int:
-        return self.sums.numel() * self.sums.element_size() + self.norms.numel() * self.norms.element_size()
+        return self.sums.numel() * self.sums.element_size() + self.scale.numel() * self.scale.element_size()
 
     def error(self, t: _Tensor) -> float:
         """The largest change of a chunk's sum, relative to that chunk's L2 norm."""
         if t.shape != self.shape:
             return float("inf")
         sums, _ = _chunk_sums(t, norms=False)
-        floor = float(self.norms.mean()) * 1e-6 + 1e-30
-        return float(((sums - self.sums).abs() / (self.norms + floor)).max())
+        return float(sums.sub_(self.sums).abs_().div_(self.scale).max())
 
 
 def _chunk_sums(t: _Tensor, *, norms: bool = True) -> tuple[_Tensor, _Tensor]:
