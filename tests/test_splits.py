@@ -274,3 +274,16 @@ def test_storage_inspection_does_not_rebuild() -> None:
     assert freed(h)  # none of them rebuilt it
     y.sum().backward()
     assert not freed(h)
+
+
+def test_an_inverse_returning_too_few_tensors_names_the_call_and_the_fix() -> None:
+    # a wrong arity found in backward: the inverse of a split returns one tensor, not two
+    s = inv.invertible(lambda x: (x[:, :1] * 2, x[:, 1:] * 2), inverse=lambda a, b: torch.cat([a, b], 1))
+    wrong = inv.invertible(s.inverse._fn, inverse=lambda y: y / 2, n_inputs=2)  # the split's halves
+    a, b = (torch.randn(2, 1, requires_grad=True) * 1), (torch.randn(2, 2, requires_grad=True) * 1)
+    y = inv.invertible_call(wrong, a, b)
+    with pytest.raises(inv.InvfuncError) as info:
+        y.sum().backward()
+    msg = str(info.value)
+    assert "the inverse returned a tensor of shape (2, 3) and dtype torch.float32 but the block has 2" in msg
+    assert "input 0 (shape (2, 1)), input 1 (shape (2, 2)) of the call, freed after the forward, could" in msg
