@@ -294,7 +294,7 @@ def replay_choice(
     choice: Choice, func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], out: Any
 ) -> tuple[Any, int]:
     """``out`` (this op's result in the replay) with the forward's choice put back (rule 3),
-    and how many results differed from what the replay chose itself (for reports)."""
+    and how many elements of the results differed from what the replay chose itself."""
     if choice.func is not func:
         raise Mismatch(f"{choice.name} in the forward, {_name(func)} in the recompute")
     if choice.results is None:
@@ -304,8 +304,7 @@ def replay_choice(
         if out.shape != kept.shape:
             raise Mismatch(f"{_name(func)} gave shape {tuple(out.shape)}, {tuple(kept.shape)} in the forward")
         value = kept.unpack().to(out.dtype)
-        changed = int(not torch.equal(value, out.detach()))
-        return value, changed
+        return value, _differ(value, out)
     items = list(out)
     changed = 0
     for i, kept in choice.results:
@@ -315,12 +314,17 @@ def replay_choice(
                 f"{tuple(kept.shape)} in the forward"
             )
         value = kept.unpack()
-        changed += int(not torch.equal(value, items[i]))
+        changed += _differ(value, items[i])
         items[i] = value
     name = _name(func)
     if changed and name in _GATHERED and len(items) == 2:
         items[0] = _gather(name, args, kwargs, items[1])
     return (type(out)(items) if type(out) is not tuple else tuple(items)), changed
+
+
+def _differ(kept: _Tensor, own: _Tensor) -> int:
+    """How many elements of the replay's own result differ from the forward's."""
+    return 0 if torch.equal(kept, own) else int((kept != own.detach()).sum())
 
 
 def _gather(name: str, args: Sequence[Any], kwargs: dict[str, Any], index: _Tensor) -> _Tensor:

@@ -47,8 +47,8 @@ def explain() -> Iterator[_Explain]:
     - ``choices``: ``(call, number, bytes)``: the discrete choices (argmax, topk indices,
       comparisons...) a block keeps from its forward to replay in backward (see
       "Discrete choices" in the sharp bits);
-    - ``flipped``: ``(call, number)``: choices the recompute would have made otherwise,
-      handed the forward's;
+    - ``flipped``: ``(call, number)``: elements of choices (indices, mask bits, Python
+      values) the recompute would have made otherwise, and was handed the forward's;
     - ``diverged``: ``(call, section, what)``: recomputes that did not reproduce the
       forward (warned about, or raised under ``verify("raise")``);
     - ``drift``: ``(call, input index, relative error of the rebuilt input)``, under
