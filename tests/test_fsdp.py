@@ -22,10 +22,12 @@ import torch.distributed as dist
 
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch.distributed with gloo is not available in this torch", allow_module_level=True)
-pytest.importorskip("torch.distributed.fsdp", reason="this torch has no torch.distributed.fsdp")
-pytest.importorskip("torch.distributed.tensor", reason="this torch has no DTensor (FSDP2)")
+fsdp = pytest.importorskip("torch.distributed.fsdp", reason="this torch has no torch.distributed.fsdp")
+tensor = pytest.importorskip("torch.distributed.tensor", reason="this torch has no DTensor (FSDP2)")
+if not (hasattr(tensor, "DTensor") and hasattr(fsdp, "fully_shard")):
+    pytest.skip("this torch has no public FSDP2 (fully_shard, DTensor: torch 2.6+)", allow_module_level=True)
 
-from _fsdp_worker import ACTIVATION_BYTES, CASES
+from _fsdp_worker import ACTIVATION_BYTES, CASES  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import _compat
 from ._measure import MeasureError, Measurement, grad_difference, markdown_table, measure
 
 _RUNS = (("plain autograd", "plain"), ("torch checkpoint", "checkpoint"), ("invfunc", "invfunc"))
@@ -53,6 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"batch {args.batch}, {args.steps} SGD steps + 1 warm-up, torch {torch.__version__}, "
         f"{args.threads} thread(s), CPU\n"
     )
+    if _compat.torch_version() not in _compat.TESTED_TORCH:
+        print(
+            f"warning: invfunc's tests run on torch {', '.join(_compat.TESTED_TORCH)}, not on "
+            f"{torch.__version__}; results should hold (unknown internals fall back to keeping "
+            "inputs), but this version is untested.\n"
+        )
     results: dict[str, Measurement] = {}
     diffs: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="invfunc-demo-") as tmp:

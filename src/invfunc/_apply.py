@@ -11,6 +11,7 @@ import torch
 
 from ._autograd import _EAGER_APPLY, _BlockFunction, _BlockFunctionEager, rebuild
 from ._choices import Checksum
+from ._compat import swap_memory
 from ._errors import FreedTensorError, InvfuncError
 from ._explain import _reports
 from ._replay import AutocastState, RngState, Tracer, cuda_devices, sharded
@@ -101,7 +102,7 @@ class Pending:
                 m2.add_(g)  # x2 is there already
             m1.copy_(y1)
             del m1, m2
-            storage._swap_data_ptr_(into.storage)  # type: ignore[attr-defined]
+            swap_memory(storage, into.storage)
             if storage.device.type == "cuda":
                 # the memory belongs to the pool of the stream the input was made on; the
                 # output is used on this one: freeing it must wait for this stream's work,

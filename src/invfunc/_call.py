@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import torch
 
+from . import _compat
 from ._apply import apply_block, free_call_inputs, report_kept
 from ._combinators import _Halves, pairs_inside
 from ._core import Invertible, _name
@@ -126,7 +127,11 @@ def _call(
     if run_mode == "plain" or not torch.is_grad_enabled() or replaying():
         return fn(*args)
     asked = run_mode
-    if run_mode == "invertible" and _saved_tensors_hooks_active():
+    why = _compat.can_free() if run_mode == "invertible" else None
+    if why is not None:
+        run_mode = "checkpoint"  # NOTE [Torch versions]: this torch cannot free safely
+        _kept_whole_call(fn, why)
+    if run_mode == "invertible" and _compat.saved_tensors_hooks_active():
         # NOTE [Saved-tensor hooks]: what the hooks pack (a copy, or nothing until a
         # recompute, as inside torch.utils.checkpoint) is not the storage invfunc would
         # refill; freeing under them could hand autograd freed memory. Keep inputs instead.
@@ -249,10 +254,6 @@ def _labels(blocks: Sequence[Invertible]) -> list[str]:
             labels.append(names[k])
             k += 1
     return labels
-
-
-def _saved_tensors_hooks_active() -> bool:
-    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 def _named_inputs(

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from . import _compat
 from ._apply import Pending, Sections
 from ._autograd import _generic_vjp, rebuild
 from ._core import Invertible, _name
@@ -278,7 +279,8 @@ class Coupling(Invertible):
                 return torch.cat([y1, x2 + check(self.G(y1), "G", y1, x2.shape)], d)
         x1, x2, d = self._split(x.detach(), "the input")
         if (
-            type(x) is torch.Tensor
+            _compat.CAN_SWAP  # NOTE [Torch versions], rule 3
+            and type(x) is torch.Tensor
             and x.device.type in ("cpu", "cuda")
             and x.nbytes >= 2 * REUSE_MIN_BYTES
             and x.is_contiguous()

@@ -43,6 +43,7 @@ from torch.utils._device import DeviceContext as _DeviceContext
 
 from . import _choices
 from ._choices import Choice, Mismatch, choice_of, is_choice, replay_choice
+from ._compat import fsdp_module_type
 
 __all__ = ["AutocastState", "RngState", "Tracer"]
 
@@ -594,11 +595,10 @@ def reread(fn: _nn.Module) -> list[_Tensor] | None:
 
 def sharded(modules: Sequence[_nn.Module]) -> _nn.Module | None:
     """A module wrapped by FSDP2's ``fully_shard`` among ``modules``, if any."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a build without torch.distributed
+    kind = fsdp_module_type()  # None: a build without torch.distributed, or before FSDP2
+    if kind is None:
         return None
-    return next((m for m in modules if isinstance(m, FSDPModule)), None)
+    return next((m for m in modules if isinstance(m, kind)), None)
 
 
 def mode_dependent(fn: object) -> list[_nn.Module]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from . import _verify
+from . import _compat, _verify
 from ._choices import RECOMPUTE_RTOL, Checksum, Choice
 from ._errors import InvfuncError
 from ._explain import _Explain, _reports
@@ -320,7 +320,7 @@ class BlockState:
         """The handle of output ``j`` if its memory may be taken for the freed input ``into``
         (NOTE [Releasing rebuilt boundaries]): :meth:`release_output` would free it, it is
         laid out exactly as ``into``, and refilled."""
-        if into is None or not into.freed:
+        if into is None or not into.freed or not _compat.CAN_SWAP:  # NOTE [Torch versions], rule 3
             return None
         h = next((h for i, h in self._released() if i == j), None)
         if h is None or h is into:

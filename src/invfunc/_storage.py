@@ -44,12 +44,12 @@ from typing import Any
 
 import torch
 
+from ._compat import set_version, swap_memory, use_count
 from ._errors import FreedTensorError
 
 __all__ = ["Freed", "StorageHandle", "free_reason", "is_freed"]
 
-_use_count = torch._C._storage_Use_Count
-_set_version = torch._C._autograd._unsafe_set_version_counter
+_use_count = use_count  # NOTE [Torch versions]
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _RESULT_SAVERS: dict[type, bool | None] = {}
 # Producers whose backward uses their saved result smoothly, so that a rebuilt value
@@ -164,7 +164,7 @@ class StorageHandle:
             self.storage.resize_(0)
         t = self.tensor
         if t is not None:
-            _set_version((t,), (self.version + 1,))
+            set_version(t, self.version + 1)
             t.__class__ = Freed
             key = id(t)
             if rebuild is not None:
@@ -216,7 +216,7 @@ class StorageHandle:
         """Move ``other``'s memory (same size, already holding this tensor's rebuilt value)
         into this freed storage; ``other``'s storage is left freed. Call :meth:`refill`
         afterwards to finish, as after a write through :meth:`view`."""
-        self.storage._swap_data_ptr_(other.storage)  # type: ignore[attr-defined]
+        swap_memory(self.storage, other.storage)
 
     def refill(self, value: torch.Tensor | None = None) -> None:
         """Write ``value`` back into the storage (or finish a write made through :meth:`view`)."""
@@ -228,7 +228,7 @@ class StorageHandle:
             _GUARDS.pop(id(t), None)
             if type(t) is Freed:
                 t.__class__ = torch.Tensor  # type: ignore[assignment]
-                _set_version((t,), (self.version,))
+                set_version(t, self.version)
 
 
 def _slot_refs(handle: StorageHandle) -> int:

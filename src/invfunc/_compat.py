@@ -1,0 +1,174 @@
+"""The version-dependent PyTorch internals invfunc uses, found once at import.
+
+NOTE [Torch versions]
+
+Freeing a tensor and rebuilding it in place relies on PyTorch internals that are not part
+of its public API, and that change between releases. Each is found here by feature
+detection, never by comparing version numbers, and each has a fallback that keeps
+results correct:
+
+1. ``set_version(t, v)``: restores a tensor's version counter after a refill
+   (NOTE [Refilling without a trace]). Its signature changed (one tensor and an int in
+   2.4, tuples since); missing, invfunc frees nothing (``can_free`` says why).
+2. ``saved_tensors_hooks_active()``: whether saved-tensor hooks are in force (under
+   them a call keeps its inputs, NOTE [Saved-tensor hooks]). Newer releases can be asked
+   directly; older ones are probed with a one-element op; if neither works, hooks are
+   assumed active (the call keeps its inputs).
+3. ``CAN_SWAP``: moving memory between storages (``UntypedStorage._swap_data_ptr_``,
+   not in 2.4) lets an output take the memory of the input it replaces. Without it the
+   output gets fresh memory and rebuilt inputs are copied: slower, the same values.
+4. ``storage_use_count``: how many tensors share a storage, the proof that a tensor may
+   be freed (NOTE [Freeing rules]); missing, nothing is freed.
+5. ``fsdp_module_type()``: FSDP2's module class, to refuse it inside a block; missing
+   (before 2.6), there is no FSDP2 to refuse.
+
+``TESTED_TORCH`` lists the releases the suite runs on; the demo warns on any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CAN_SWAP",
+    "TESTED_TORCH",
+    "can_free",
+    "fsdp_module_type",
+    "saved_tensors_hooks_active",
+    "set_version",
+    "swap_memory",
+    "torch_version",
+    "use_count",
+]
+
+#: The PyTorch releases (major.minor) the test suite runs on.
+TESTED_TORCH: tuple[str, ...] = ("2.4", "2.13", "2.14")
+
+
+def torch_version() -> str:
+    """``major.minor`` of the PyTorch in use."""
+    return ".".join(torch.__version__.split("+")[0].split(".")[:2])
+
+
+# -- 1. version counters ----------------------------------------------------------------------
+
+
+def _find_set_version() -> Callable[[torch.Tensor, int], None] | None:
+    raw = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+    if raw is None:
+        return None
+    probe = torch.zeros(1)
+    for form in ("tuples", "single"):
+        try:
+            if form == "tuples":
+                raw((probe,), (7,))
+            else:
+                raw(probe, 7)
+        except (TypeError, RuntimeError):
+            continue
+        if probe._version == 7:
+            if form == "tuples":
+                return lambda t, v: raw((t,), (v,))
+            return raw  # type: ignore[no-any-return]
+    return None
+
+
+_SET_VERSION = _find_set_version()
+
+
+def set_version(t: torch.Tensor, version: int) -> None:
+    """Set ``t``'s version counter (only where :func:`can_free` is None)."""
+    assert _SET_VERSION is not None
+    _SET_VERSION(t, version)
+
+
+# -- 4. storage use counts -----------------------------------------------------------------------
+
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _unknown_use_count(cdata: int) -> int:
+    return 1 << 30  # never "alone": nothing is freed or written over in place
+
+
+#: ``use_count(storage._cdata)``: how many references the storage's implementation has.
+use_count: Callable[[int], int] = _USE_COUNT if _USE_COUNT is not None else _unknown_use_count
+
+
+def can_free() -> str | None:
+    """None if this torch has what freeing needs, else why inputs are kept (for explain())."""
+    missing = [
+        name
+        for name, have in (
+            ("a settable version counter", _SET_VERSION is not None),
+            ("storage use counts", use_count is not _unknown_use_count),
+        )
+        if not have
+    ]
+    if not missing:
+        return None
+    return (
+        f"this PyTorch ({torch.__version__}) lacks {' and '.join(missing)}, which freeing relies on; "
+        "inputs are kept (the call runs as mode='checkpoint')"
+    )
+
+
+# -- 2. saved-tensor hooks ----------------------------------------------------------------------
+
+
+def _probe_hooks() -> bool:
+    """Whether a saved tensor gets default hooks: one that has some refuses a second pair."""
+    with torch.enable_grad(), torch.inference_mode(False):
+        p = torch.zeros((), requires_grad=True)
+        q = p.exp()  # saves its output, which must stay alive while it is probed
+        raw = q.grad_fn._raw_saved_result  # type: ignore[union-attr]
+        try:
+            raw.register_hooks(_same, _same)
+        except RuntimeError as e:
+            if "already" in str(e):
+                return True
+            raise
+    return False
+
+
+def _same(t: Any) -> Any:
+    return t
+
+
+_TOP_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def saved_tensors_hooks_active() -> bool:
+    """Whether saved-tensor default hooks are in force (rule 2)."""
+    if _TOP_HOOKS is not None:
+        return _TOP_HOOKS(False) is not None  # type: ignore[no-any-return]
+    try:
+        return _probe_hooks()
+    except Exception:  # an internal that moved again: assume hooks, keep the inputs
+        return True
+
+
+# -- 3. moving memory between storages -------------------------------------------------------
+
+CAN_SWAP: bool = hasattr(torch.UntypedStorage, "_swap_data_ptr_")
+
+
+def swap_memory(a: torch.UntypedStorage, b: torch.UntypedStorage) -> None:
+    """Exchange the memory of two storages of the same size (only where CAN_SWAP)."""
+    a._swap_data_ptr_(b)  # type: ignore[attr-defined]
+
+
+# -- 5. FSDP2 ----------------------------------------------------------------------------------
+
+
+def fsdp_module_type() -> type | None:
+    """FSDP2's module class (``fully_shard``), or None where there is none."""
+    with contextlib.suppress(ImportError):
+        from torch.distributed import fsdp
+
+        return getattr(fsdp, "FSDPModule", None)
+    return None
