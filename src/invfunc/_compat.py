@@ -45,8 +45,9 @@ __all__ = [
     "use_count",
 ]
 
-#: The PyTorch releases (major.minor) the test suite runs on.
-TESTED_TORCH: tuple[str, ...] = ("2.4", "2.13", "2.14")
+#: The PyTorch releases (major.minor) the whole test suite passes on. (On 2.4.1, 498 of
+#: 515 tests pass: memory reuse that needs ``_swap_data_ptr_`` is off there, see rule 3.)
+TESTED_TORCH: tuple[str, ...] = ("2.13",)
 
 
 def torch_version() -> str:
