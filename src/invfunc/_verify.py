@@ -152,9 +152,7 @@ def check(
                 "reproduce what the forward received. Check the inverse, compute in float64, pass this "
                 "input in keep=, or use mode='checkpoint'."
             )
-            if policy == "raise":
-                raise InvfuncError(msg)
-            warnings.warn(msg, InvertibilityWarning, stacklevel=2)
+            _flag(msg, policy)
 
 
 def diverged(name: str, what: str, why: str, policy: Policy, reports: Sequence[object]) -> None:
@@ -181,6 +179,11 @@ def diverged(name: str, what: str, why: str, policy: Policy, reports: Sequence[o
         "topk, sort, comparisons or round (see 'Discrete choices' in the sharp bits); "
         "mode='checkpoint' keeps the input, so its recompute is exact."
     )
+    _flag(msg, policy)
+
+
+def _flag(msg: str, policy: Policy) -> None:
+    """Raise ``msg`` under the policy "raise", else warn it."""
     if policy == "raise":
         raise InvfuncError(msg)
-    warnings.warn(msg, InvertibilityWarning, stacklevel=2)
+    warnings.warn(msg, InvertibilityWarning, stacklevel=4)
