@@ -17,10 +17,19 @@ import torch
 from tests._util import F64, assert_all_close, freed, mlp
 
 import invfunc as inv
-from invfunc import _combinators
+from invfunc import _combinators, _compat
+from invfunc._reuse import INPLACE_GRADS
 from invfunc._storage import StorageHandle
 
 DEPTH = 5
+
+# NOTE [Torch versions]: these optimisations are off where this torch lacks what they need
+NEEDS_SWAP = pytest.mark.skipif(
+    not _compat.CAN_SWAP, reason="moving memory between storages needs UntypedStorage._swap_data_ptr_"
+)
+NEEDS_INPLACE_GRADS = pytest.mark.skipif(
+    not INPLACE_GRADS, reason="this torch's autograd engine holds incoming gradients: never written over"
+)
 
 
 @pytest.fixture
@@ -78,6 +87,7 @@ def _per_block(
     return list(torch.autograd.grad(h.square().sum(), wrt))
 
 
+@NEEDS_SWAP
 def test_boundaries_nobody_holds_lend_their_memory(adopts: list[int]) -> None:
     blocks, params = _blocks()
     x = torch.randn(4, 6, dtype=torch.float64)
@@ -145,6 +155,7 @@ def test_boundary_saved_by_a_foreign_node_keeps_its_values(adopts: list[int]) ->
     assert adopts[0] == 0
 
 
+@NEEDS_SWAP
 def test_lent_boundaries_are_refilled_by_a_second_backward(adopts: list[int]) -> None:
     blocks, params = _blocks()
     x = torch.randn(4, 6, dtype=torch.float64)
@@ -173,6 +184,7 @@ def _chain_grads(
     return list(torch.autograd.grad(run(x * 1).square().sum(), [x, *wrt]))
 
 
+@NEEDS_INPLACE_GRADS
 @pytest.mark.parametrize("spelling", ["one call", "per block"])
 def test_gradients_are_written_over_incoming_ones_nobody_holds(spelling: str, in_place: list[int]) -> None:
     blocks, params = _blocks()
@@ -299,6 +311,7 @@ def _pair_grads(
     return list(torch.autograd.grad(loss(*h), [xi, *params]))
 
 
+@NEEDS_SWAP
 def test_pair_boundaries_nobody_holds_lend_their_memory(adopts: list[int]) -> None:
     def loss(y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
         return y1.square().sum() + y2.square().sum()
@@ -472,6 +485,7 @@ def _one_block(one_sided: bool = False) -> tuple[inv.Invertible, list[torch.Tens
     return block, [*F.parameters(), *([] if one_sided else G.parameters())]
 
 
+@NEEDS_SWAP
 @pytest.mark.parametrize("one_sided", [False, True])
 def test_output_takes_the_memory_of_the_input_it_frees(one_sided: bool) -> None:
     block, params = _one_block(one_sided)
@@ -541,6 +555,7 @@ def test_lending_under_verify_and_explain() -> None:
     assert x0.grad is not None
 
 
+@NEEDS_SWAP
 def test_a_chain_of_one_calls_with_a_second_backward() -> None:
     blocks, params = _blocks()
     x0 = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
@@ -571,6 +586,7 @@ def test_small_tensors_get_fresh_memory(monkeypatch: pytest.MonkeyPatch) -> None
     assert y.data_ptr() != where and freed(h)
 
 
+@NEEDS_SWAP
 def test_a_large_input_lends_its_memory_at_the_default_threshold() -> None:
     torch.manual_seed(0)
     n = (1 << 16) // 8  # float64 halves of 64 KiB each
@@ -581,6 +597,7 @@ def test_a_large_input_lends_its_memory_at_the_default_threshold() -> None:
     assert y.data_ptr() == where
 
 
+@NEEDS_SWAP
 def test_boundaries_inside_a_mixed_chain_lend_their_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     # a chain that is not all couplings runs on single tensors (no pairs inside): each
     # coupling after the first puts its output into the memory of its input

@@ -411,7 +411,12 @@ def outcomes() -> dict[str, str]:
     return CASES.outcomes()
 
 
-BUGS: dict[str, str] = {}  # case -> engine bug (a strict xfail), none open
+BUGS: dict[str, str] = {}  # case -> engine bug (a strict xfail), none open on torch 2.13
+if torch.__version__.startswith("2.4."):
+    # NOTE [Torch versions]: an error, never a wrong gradient (the gradient autograd refuses
+    # is the jagged tensor's offsets, in torch 2.4's unbind backward); torch 2.13 passes
+    for _name in ("nested_jagged", "mixed_with_a_plain_input", "verify_nested_jagged"):
+        BUGS[_name] = "torch 2.4: a jagged NestedTensor input raises in the backward (UnbindBackward)"
 
 
 @pytest.mark.parametrize("name", CASES.params(BUGS))

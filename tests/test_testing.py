@@ -419,7 +419,9 @@ def test_tensors_generate_what_was_asked(data: st.DataObject) -> None:
     x = data.draw(tensors(shape=shape, dtype=dtype))
     assert x.shape == shape and x.dtype == dtype and not x.requires_grad and x.is_leaf
     assert bool(torch.isfinite(x).all()) and bool((x.abs() <= 4).all())
-    y = data.draw(tensors(shape=st.integers(0, 4), elements=st.floats(-1, 0)))
+    # allow_subnormal=False: after torch 2.4's compiled kernels ran (test_compile), the
+    # process flushes subnormals to zero and hypothesis refuses to draw them
+    y = data.draw(tensors(shape=st.integers(0, 4), elements=st.floats(-1, 0, allow_subnormal=False)))
     assert y.dim() == 1 and y.dtype == F64 and bool((y <= 0).all()) and bool((y >= -1).all())
 
 

@@ -21,6 +21,8 @@ results correct:
    be freed (NOTE [Freeing rules]); missing, nothing is freed.
 5. ``fsdp_module_type()``: FSDP2's module class, to refuse it inside a block; missing
    (before 2.6), there is no FSDP2 to refuse.
+6. Incoming gradients written over in place (``_reuse.INPLACE_GRADS``): not in 2.4,
+   whose engine holds a reference of its own to them; they are then added out of place.
 
 ``TESTED_TORCH`` lists the releases the suite runs on; the demo warns on any other.
 """

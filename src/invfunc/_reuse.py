@@ -108,6 +108,8 @@ class _Probe(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         _GRAD_REFS.append(_refs(grads)[0])  # same call path and helper as _BlockFunction.backward
+        if not _plain_buffer(grads[0]):  # torch 2.4's engine holds another reference: never alone
+            _GRAD_REFS.append(None)
         return grads[0]
 
 
@@ -125,3 +127,7 @@ def _probe_grad_refs() -> None:
 
 
 _probe_grad_refs()
+
+#: Whether incoming gradients nobody holds can be written over in this torch (not in 2.4,
+#: whose autograd engine keeps a reference of its own; NOTE [Torch versions]).
+INPLACE_GRADS: bool = _GRAD_REFS[0] is not None
