@@ -1,7 +1,9 @@
-"""Sessions: tests, doctests, lint, typecheck, docs, demo, bench.
+"""Sessions: tests, tests-oldest, tests-matrix, doctests, lint, typecheck, docs, demo, bench.
 
 Torch comes from ``$INVFUNC_TORCH`` (default: ``torch``). On machines whose pip sees a
 local CPU wheel, pin it, e.g. ``INVFUNC_TORCH=torch==2.13.0 nox -s tests``.
+``tests-oldest`` runs the suite on the oldest supported torch (2.4.1); ``tests-matrix``
+on Python 3.10 and 3.13 with the oldest, the newest (2.15.0) and the pinned torch.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 TORCH = os.environ.get("INVFUNC_TORCH", "torch")
+#: The oldest PyTorch pyproject.toml admits, and the newest release, for the version sessions.
+OLDEST_TORCH = os.environ.get("INVFUNC_TORCH_OLDEST", "torch==2.4.1")
+NEWEST_TORCH = os.environ.get("INVFUNC_TORCH_NEWEST", "torch==2.15.0")
 PEERS = ["memcnn==1.5.2", "revlib==1.7.2", "invtorch==0.5.0", "numpy"]
 
 
@@ -27,6 +32,34 @@ def _install(session: nox.Session, *extras: str) -> None:
 def tests(session: nox.Session) -> None:
     """The test suite and every docstring example (doctests)."""
     _install(session, "testing")
+    session.run("python", "-m", "pytest", "-q", *session.posargs)
+
+
+@nox.session(name="tests-oldest")
+def tests_oldest(session: nox.Session) -> None:
+    """The test suite on the oldest PyTorch the package supports (``$INVFUNC_TORCH_OLDEST``)."""
+    session.install(OLDEST_TORCH)
+    session.install("-e", ".[testing]")
+    session.run("python", "-m", "pytest", "-q", *session.posargs)
+
+
+# The supported range, corner by corner: the oldest and newest Python with the oldest torch,
+# the newest release and the pinned one (torch 2.4 has no build for Python 3.13).
+_MATRIX = [
+    ("3.10", OLDEST_TORCH),
+    ("3.10", NEWEST_TORCH),
+    ("3.10", TORCH),
+    ("3.13", NEWEST_TORCH),
+    ("3.13", TORCH),
+]
+
+
+@nox.session(name="tests-matrix")
+@nox.parametrize(("python", "torch"), _MATRIX)
+def tests_matrix(session: nox.Session, torch: str) -> None:
+    """The test suite on each corner of the supported Python and PyTorch versions."""
+    session.install(torch)
+    session.install("-e", ".[testing]")
     session.run("python", "-m", "pytest", "-q", *session.posargs)
 
 
