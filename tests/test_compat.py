@@ -98,17 +98,40 @@ def test_without_moving_memory_between_storages_results_are_the_same(monkeypatch
     assert all(torch.equal(a, b) for a, b in zip(moved, copied))
 
 
-def test_version_dependent_internals_are_used_only_through_compat() -> None:
-    # the internals NOTE [Torch versions] lists are named nowhere else in the package
-    names = re.compile(
-        r"_storage_Use_Count|_unsafe_set_version_counter|_top_saved_tensors_default_hooks|"
-        r"_swap_data_ptr_|FSDPModule"
-    )
+# Private PyTorch APIs: torch._C and other underscore modules, underscore functions of public
+# modules, and the underscore attributes of tensors, storages, autograd nodes and modules.
+_PRIVATE = re.compile(
+    r"torch\._(?!_version__)|from torch(\.\w+)*\._|from torch[\w.]* import _"
+    r"|(overrides|graph|forward_ad|module|utils)\._\w"
+    r"|\._(use_count|is_view|base|version|is_zerotensor|backward_hooks|cdata|saved_result|raw_saved_result"
+    r"|backward_cls|swap_data_ptr_|parameters|buffers|modules|global_forward\w*)\b"
+)
+
+
+def test_private_torch_apis_are_used_only_through_compat() -> None:
+    # NOTE [Torch versions]: every private or version-dependent internal has one home
     offenders = [
-        f"{p.name}:{i}: {line.strip()}"
+        f"{p.relative_to(SRC)}:{i}: {line.strip()}"
         for p in sorted(SRC.rglob("*.py"))
         if p.name != "_compat.py"
         for i, line in enumerate(p.read_text().splitlines(), 1)
-        if names.search(line)
+        if _PRIVATE.search(line.split("#")[0])
     ]
     assert offenders == []
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "x = torch._C._storage_Use_Count(s)",
+        "from torch.utils._device import DeviceContext",
+        "from torch.overrides import _get_current_function_mode_stack",
+        "v = t._version",
+        "if t._is_view():",
+        "kids = m._modules.values()",
+        "hooks = torch.nn.modules.module._global_forward_hooks",
+    ],
+)
+def test_the_scan_sees_private_apis(line: str) -> None:
+    assert _PRIVATE.search(line)
+    assert not _PRIVATE.search("print(torch.__version__, self._fn, block._name)")

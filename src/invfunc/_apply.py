@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from . import _compat
 from ._autograd import _EAGER_APPLY, _BlockFunction, _BlockFunctionEager, rebuild
 from ._choices import Checksum
 from ._compat import swap_memory
@@ -458,7 +459,7 @@ def _free_inputs(
             if type(t) is torch.Tensor and not t.is_inference():  # inference tensors have no version
                 if state.live is None:
                     state.live = [None] * len(data)
-                state.live[i] = (weakref.ref(t), t._version)
+                state.live[i] = (weakref.ref(t), _compat.version(t))
             continue
         h = lent if lent is not None else StorageHandle(t, guard)
         producer = _producer(t)

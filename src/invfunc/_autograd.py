@@ -66,6 +66,7 @@ from typing import Any
 
 import torch
 
+from . import _compat
 from ._errors import InvfuncError
 from ._reuse import _unheld
 from ._state import BlockState, _replay_region
@@ -170,13 +171,13 @@ class _BlockFunctionEager(torch.autograd.Function):
 
 
 for _fn in (_BlockFunction, _BlockFunctionEager):
-    _fn._backward_cls._invfunc_saves_outputs = True  # type: ignore[attr-defined]
+    _compat.mark_backward_class(_fn, "_invfunc_saves_outputs")
 
 # The C++ apply that Function.apply ends in for a Function without setup_context when no
 # torch.func transform is active (after unwrapping tensors leaked from a transform).
 try:
-    _EAGER_APPLY = torch._C._FunctionBase.__dict__["apply"].__get__(None, _BlockFunctionEager)
-except (KeyError, AttributeError, TypeError):  # pragma: no cover - another torch layout
+    _EAGER_APPLY = _compat.function_base_apply.__get__(None, _BlockFunctionEager)
+except (AttributeError, TypeError):  # pragma: no cover - another torch layout
     _EAGER_APPLY = _BlockFunctionEager.apply
 
 

@@ -65,6 +65,8 @@ from typing import Any
 
 import torch
 
+from ._compat import is_wrapped
+
 __all__ = ["Checksum", "Choice", "choice_of", "replay_choice"]
 
 _Tensor = torch.Tensor
@@ -365,7 +367,7 @@ class Checksum:
             and t.is_floating_point()
             and t.device.type in ("cpu", "cuda")
             and t.numel() > 0
-            and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+            and not is_wrapped(t)
         )
 
     def __init__(self, t: _Tensor) -> None:

@@ -253,7 +253,7 @@ class Coupling(Invertible):
             x1, x2 = args[0].detach(), args[1].detach()
             # NOTE [Outputs nobody holds]: the sums are written into F's and G's outputs
             # when nobody else holds them (plain tensors, no forward-mode AD)
-            reuse = torch.autograd.forward_ad._current_level < 0 and x1.nbytes >= REUSE_MIN_BYTES
+            reuse = not _compat.forward_ad_active() and x1.nbytes >= REUSE_MIN_BYTES
             with section("F"):
                 f = self.F(x2)
             check(f, "F", x2, x1.shape)
@@ -268,7 +268,7 @@ class Coupling(Invertible):
             section.output("G", g)
             return y1, g.add_(x2) if reuse and owned(g, x2, sys.getrefcount(g)) else x2 + g
         x = args[0]
-        if _is_wrapped(x) or torch.autograd.forward_ad._current_level >= 0:  # torch.func, dual tensors:
+        if _is_wrapped(x) or _compat.forward_ad_active():  # torch.func, dual tensors:
             # no out= writes (they take neither wrapped nor dual tensors)
             x1, x2, d = self._split(x, "the input")
             with section("F"):
@@ -488,7 +488,7 @@ class _Variadic(Invertible):
 def _alone(t: torch.Tensor, n: int) -> bool:
     """Only the ``n`` tensors this backward made are on ``t``'s storage
     (NOTE [Incoming gradients nobody holds]): nothing kept an alias handed out since."""
-    return _use_count(t.untyped_storage()._cdata) == n + 1  # and the temporary storage object
+    return _use_count(_compat.storage_key(t.untyped_storage())) == n + 1  # and the temporary storage
 
 
 def _sizes(n: int) -> list[int]:

@@ -38,6 +38,7 @@ import torch
 __all__ = [
     "CAN_SWAP",
     "TESTED_TORCH",
+    "DeviceContext",
     "can_free",
     "fsdp_module_type",
     "saved_tensors_hooks_active",
@@ -175,3 +176,101 @@ def fsdp_module_type() -> type | None:
 
         return getattr(fsdp, "FSDPModule", None)
     return None
+
+
+# -- the other internals: stable across the supported range, each given one home here ----------
+
+#: Whether a tensor is a ``torch.func`` wrapper (GradTrackingTensor, BatchedTensor).
+is_wrapped: Callable[[torch.Tensor], bool] = torch._C._functorch.is_functorch_wrapped_tensor
+#: Whether a ``torch.func`` transform is active.
+functorch_active: Callable[[], bool] = torch._C._are_functorch_transforms_active
+#: A region where tensor subclasses' ``__torch_function__`` is off (the guarded ``Freed``).
+disable_torch_function_subclass = torch._C.DisableTorchFunctionSubclass
+#: The C++ ``apply`` behind ``Function.apply`` (None where it is not there: use ``apply``).
+function_base_apply: Any = torch._C._FunctionBase.__dict__.get("apply")
+#: ``torch.autograd.grad``'s engine call without its Python-side checks, or None.
+engine_run_backward: Any = getattr(torch.autograd.graph, "_engine_run_backward", None)
+_function_modes: Any = getattr(torch.overrides, "_get_current_function_mode_stack", None)
+
+try:
+    from torch.utils._device import DeviceContext
+except ImportError:  # pragma: no cover - another layout: no default-device context is replayed
+
+    class DeviceContext:  # type: ignore[no-redef]
+        """Stands in for torch's: nothing is an instance of it."""
+
+
+def function_modes() -> list[Any]:
+    """The ``TorchFunctionMode`` stack (empty where it cannot be read)."""
+    return list(_function_modes()) if _function_modes is not None else []
+
+
+def real_tensors() -> contextlib.AbstractContextManager[Any]:
+    """A region where tensor ops run for real even if a FakeTensorMode is active."""
+    try:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    return unset_fake_temporarily()  # type: ignore[no-any-return]
+
+
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD (``torch.autograd.forward_ad``) is active."""
+    return torch.autograd.forward_ad._current_level >= 0  # type: ignore[no-any-return]
+
+
+def version(t: torch.Tensor) -> int:
+    """The tensor's version counter."""
+    return t._version
+
+
+def tensor_use_count(t: torch.Tensor) -> int:
+    """References to the tensor's implementation (1: only its Python object)."""
+    return t._use_count()  # type: ignore[attr-defined,no-any-return]
+
+
+def is_view(t: torch.Tensor) -> bool:
+    return t._is_view()
+
+
+def base_of(t: torch.Tensor) -> torch.Tensor | None:
+    return t._base
+
+
+def is_zero_tensor(t: torch.Tensor) -> bool:
+    return t._is_zerotensor()
+
+
+def has_backward_hooks(t: torch.Tensor) -> bool:
+    return bool(t._backward_hooks)
+
+
+def storage_key(storage: torch.UntypedStorage) -> int:
+    """The identity of a storage's implementation (two Python storages of one share it)."""
+    return storage._cdata  # type: ignore[no-any-return]
+
+
+def saves_result(node: object) -> bool:
+    """Whether an autograd node saved its own output."""
+    return hasattr(node, "_saved_result")
+
+
+def mark_backward_class(fn: type, name: str) -> None:
+    """Set an attribute on the backward node class of an autograd Function."""
+    setattr(fn._backward_cls, name, True)  # type: ignore[attr-defined]
+
+
+def global_module_hooks() -> bool:
+    """Whether global forward hooks are registered on every ``nn.Module``."""
+    glob = torch.nn.modules.module
+    return bool(glob._global_forward_hooks or glob._global_forward_pre_hooks)
+
+
+def module_parameters(m: torch.nn.Module) -> dict[str, Any]:
+    """A module's own parameter slots (name -> Parameter or None)."""
+    return m._parameters  # type: ignore[return-value]
+
+
+def module_children(m: torch.nn.Module) -> dict[str, Any]:
+    """A module's own submodules (name -> Module or None)."""
+    return m._modules  # type: ignore[return-value]

@@ -38,17 +38,18 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.overrides import _get_current_function_mode_stack as _function_modes
-from torch.utils._device import DeviceContext as _DeviceContext
 
 from . import _choices
 from ._choices import Choice, Mismatch, choice_of, is_choice, replay_choice
-from ._compat import fsdp_module_type
+from ._compat import DeviceContext as _DeviceContext
+from ._compat import fsdp_module_type, global_module_hooks, module_children, module_parameters, real_tensors
+from ._compat import function_modes as _function_modes
+from ._compat import is_wrapped as _compat_is_wrapped
 
 __all__ = ["AutocastState", "RngState", "Tracer"]
 
 _Tensor = torch.Tensor
-_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_is_wrapped = _compat_is_wrapped
 _CLAIM = 1 << 62  # offset that keeps claimed positions apart from claimed ids
 _NORM_FUNCS = {
     torch.nn.functional.batch_norm: (1, 2, 5, "running_mean", "running_var", "training"),
@@ -360,9 +361,7 @@ def _without_running_stats(
 
 def _real_tensors() -> contextlib.AbstractContextManager[Any]:
     """A region where tensor ops run for real even if a FakeTensorMode is active."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    return unset_fake_temporarily()
+    return real_tensors()
 
 
 _RNG_LOCK = threading.RLock()
@@ -537,8 +536,7 @@ def static_reads(fn: object) -> tuple[list[_Tensor], bool] | None:
     if not isinstance(fn, _nn.Module):
         return None
     _MODE_DEPENDENT.pop(fn, None)
-    glob = _nn.modules.module
-    if glob._global_forward_hooks or glob._global_forward_pre_hooks:
+    if global_module_hooks():
         return None
     params: dict[int, _Tensor] = {}
     slots: list[tuple[_nn.Module, str]] = []
@@ -589,7 +587,7 @@ def reread(fn: _nn.Module) -> list[_Tensor] | None:
     if slots is None:
         got = static_reads(fn)
         return None if got is None else got[0]
-    now = [m._parameters.get(name) for m, name in slots]
+    now = [module_parameters(m).get(name) for m, name in slots]
     return None if any(p is None for p in now) else now  # type: ignore[return-value]
 
 
@@ -619,7 +617,7 @@ def _modules(root: _nn.Module) -> list[_nn.Module]:
     seen = {id(root)}
     i = 0
     while i < len(out):
-        for child in out[i]._modules.values():
+        for child in module_children(out[i]).values():
             if child is not None and id(child) not in seen:
                 seen.add(id(child))
                 out.append(child)

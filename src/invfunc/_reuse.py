@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ._compat import is_view, is_zero_tensor, storage_key, tensor_use_count
 from ._state import _is_wrapped
 from ._storage import _use_count
 
@@ -44,20 +45,20 @@ def _plain_buffer(g: torch.Tensor) -> bool:
     if (
         type(g) is not torch.Tensor
         or g.layout != torch.strided
-        or g._use_count() != 1  # type: ignore[attr-defined]
+        or tensor_use_count(g) != 1
         or g.requires_grad
-        or g._is_view()
+        or is_view(g)
         or _is_wrapped(g)
     ):
         return False
     storage = g.untyped_storage()
     return (
-        _use_count(storage._cdata) == 2  # g's and ``storage``
+        _use_count(storage_key(storage)) == 2  # g's and ``storage``
         and g.storage_offset() == 0
         and storage.nbytes() == g.numel() * g.element_size()
         and g.is_contiguous()
         and weakref.getweakrefcount(g) == 0
-        and not (g.is_inference() or g._is_zerotensor() or g.is_conj() or g.is_neg())
+        and not (g.is_inference() or is_zero_tensor(g) or g.is_conj() or g.is_neg())
     )
 
 

@@ -12,6 +12,7 @@ import torch
 
 from . import _compat, _verify
 from ._choices import RECOMPUTE_RTOL, Checksum, Choice
+from ._compat import storage_key
 from ._errors import InvfuncError
 from ._explain import _Explain, _reports
 from ._replay import AutocastState, RngState, Tracer
@@ -20,7 +21,7 @@ from ._verify import Fingerprint
 
 __all__ = ["BlockState", "replaying"]
 
-_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_is_wrapped = _compat.is_wrapped
 _local = threading.local()
 
 
@@ -133,7 +134,13 @@ class BlockState:
         out: list[torch.Tensor | None] = [None] * self.n_data
         for i, entry in enumerate(self.live or ()):
             t = entry[0]() if entry is not None else None
-            if t is not None and type(t) is torch.Tensor and t._version == entry[1] and not is_freed(t):  # type: ignore[index]
+            if (
+                t is not None
+                and entry is not None
+                and type(t) is torch.Tensor
+                and _compat.version(t) == entry[1]
+                and not is_freed(t)
+            ):  # type: ignore[index]
                 out[i] = t.detach()
         return out
 
@@ -327,7 +334,9 @@ class BlockState:
             return None
         if (h.nbytes, h.size, h.stride, h.dtype) != (into.nbytes, into.size, into.stride, into.dtype):
             return None
-        if h.storage.device != into.storage.device or h.storage._cdata != out.untyped_storage()._cdata:
+        if h.storage.device != into.storage.device or storage_key(h.storage) != storage_key(
+            out.untyped_storage()
+        ):
             return None
         return h
 

@@ -44,13 +44,24 @@ from typing import Any
 
 import torch
 
-from ._compat import set_version, swap_memory, use_count
+from ._compat import (
+    disable_torch_function_subclass,
+    is_view,
+    is_wrapped,
+    saves_result,
+    set_version,
+    storage_key,
+    swap_memory,
+    tensor_use_count,
+    use_count,
+    version,
+)
 from ._errors import FreedTensorError
 
 __all__ = ["Freed", "StorageHandle", "free_reason", "is_freed"]
 
 _use_count = use_count  # NOTE [Torch versions]
-_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_is_wrapped = is_wrapped
 _RESULT_SAVERS: dict[type, bool | None] = {}
 # Producers whose backward uses their saved result smoothly, so that a rebuilt value
 # (equal up to round-off) gives the gradient up to round-off. ReLU and other
@@ -78,7 +89,7 @@ def _producer_saves_result(t: torch.Tensor) -> bool | None:
     if kind not in _RESULT_SAVERS:
         if getattr(kind, "_invfunc_saves_outputs", False):
             _RESULT_SAVERS[kind] = True
-        elif hasattr(fn, "_saved_result"):
+        elif saves_result(fn):
             _RESULT_SAVERS[kind] = True if kind.__name__ in _SMOOTH_RESULT_SAVERS else None
         else:
             _RESULT_SAVERS[kind] = False
@@ -111,7 +122,7 @@ def free_reason(t: torch.Tensor, *, leaf_ok: bool = False) -> str | None:
         return f"its layout/device ({t.layout}, {t.device.type}) is not a strided CPU/CUDA tensor"
     if t.is_inference():
         return "it is an inference tensor"
-    if t._is_view():
+    if is_view(t):
         return "it is a view of another tensor"
     if t.storage_offset() != 0 or 0 in t.stride():
         return "it does not start its storage or has a zero stride"
@@ -133,7 +144,7 @@ def free_reason(t: torch.Tensor, *, leaf_ok: bool = False) -> str | None:
             "could change (e.g. ReLU's mask); move that op inside the block to free it"
         )
     expected = 2 + saves
-    if _use_count(storage._cdata) > expected:
+    if _use_count(storage_key(storage)) > expected:
         return "another tensor (a view, an alias or an output) shares its storage"
     return None
 
@@ -149,7 +160,7 @@ class StorageHandle:
         self.size = t.size()
         self.stride = t.stride()
         self.dtype = t.dtype
-        self.version = t._version
+        self.version = version(t)
         # A strong reference: the version counter must be restored even if the caller
         # dropped the tensor (the previous block's saved output shares that counter).
         self.tensor: torch.Tensor | None = t if guard else None
@@ -201,8 +212,8 @@ class StorageHandle:
             return False  # (counted before this frame holds a reference of its own)
         t = self.tensor
         if (
-            t._use_count() != 1  # type: ignore[attr-defined]  # the Python object's own reference
-            or _use_count(self.storage._cdata) != 3  # t, self.storage, the producer's saved output
+            tensor_use_count(t) != 1  # the Python object's own reference
+            or _use_count(storage_key(self.storage)) != 3  # t, self.storage, the producer's saved output
         ):
             return False
         self.tensor = None
@@ -342,5 +353,5 @@ class Freed(torch.Tensor):
                     for b in a:
                         if type(b) is Freed:
                             _rebuild_guarded(b)
-        with torch._C.DisableTorchFunctionSubclass():
+        with disable_torch_function_subclass():
             return func(*args, **kwargs)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from . import _compat
 from ._state import BlockState, _is_wrapped, _replay_region
 from ._storage import _use_count
 
@@ -20,7 +21,7 @@ def _fast_path(*tensors: torch.Tensor) -> bool:
     return not _functorch_active() or not any(_is_wrapped(t) for t in tensors)
 
 
-_functorch_active = torch._C._are_functorch_transforms_active
+_functorch_active = _compat.functorch_active
 
 
 def block_vjp(
@@ -56,7 +57,7 @@ def block_vjp(
         # A captured tensor with hooks is differentiated through a detached stand-in, so
         # its hooks fire once, when autograd hands it this block's gradient; the others
         # are differentiated directly (no substitution needed: cheaper).
-        hooked = any(values[i]._backward_hooks for i in diff if i >= n_positional)
+        hooked = any(_compat.has_backward_hooks(values[i]) for i in diff if i >= n_positional)
         vals = list(values)
         for i in diff:
             if hooked or i < n_positional:
@@ -129,8 +130,8 @@ def drop_if_unread(out: torch.Tensor) -> None:
     storage = out.untyped_storage()
     # the alias, the output held by the pullback, and ``storage`` itself
     if (
-        out._base is None
-        and _use_count(storage._cdata) == 3
+        _compat.base_of(out) is None
+        and _use_count(_compat.storage_key(storage)) == 3
         and storage.nbytes() == out.numel() * out.element_size()
     ):
         storage.resize_(0)
@@ -164,10 +165,8 @@ def section_vjp(
     return outs[0], pullback
 
 
-try:  # the engine call behind torch.autograd.grad, without its Python-side checks (~35 us a call)
-    from torch.autograd.graph import _engine_run_backward
-except ImportError:  # pragma: no cover - older or newer torch
-    _engine_run_backward = None  # type: ignore[assignment]
+# the engine call behind torch.autograd.grad, without its Python-side checks (~35 us a call)
+_engine_run_backward = _compat.engine_run_backward
 
 
 def _grad(
