@@ -11,13 +11,14 @@ are exactly those of plain autograd after the backward.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
 import pytest
 import torch
 from tests._util import F64, assert_all_close, freed, mlp
 
 import invfunc as inv
-from invfunc import _combinators, _compat
+from invfunc import _autograd, _combinators, _compat
 from invfunc._reuse import INPLACE_GRADS
 from invfunc._storage import StorageHandle
 
@@ -184,9 +185,34 @@ def _chain_grads(
     return list(torch.autograd.grad(run(x * 1).square().sum(), [x, *wrt]))
 
 
+class _Probe(torch.autograd.Function):
+    seen: ClassVar[list[bool]] = []
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        _Probe.seen.append(_autograd._unheld(grads)[0])  # as _BlockFunction.backward asks
+        return grads[0]
+
+
+def _writes_over_gradients_now() -> bool:
+    """Whether a backward in this process would write over an incoming gradient now: after
+    test_compile's failed ``torch.compile(fullgraph=True)`` (torch 2.15 on Python 3.13)
+    the reference counts in a backward differ, which turns the writes off for the rest of
+    the process (safely: the gradients are then added out of place)."""
+    _Probe.seen.clear()
+    (_Probe.apply(torch.zeros(2, requires_grad=True)) * 2).sum().backward()  # type: ignore[no-untyped-call]
+    return _Probe.seen == [True]
+
+
 @NEEDS_INPLACE_GRADS
 @pytest.mark.parametrize("spelling", ["one call", "per block"])
 def test_gradients_are_written_over_incoming_ones_nobody_holds(spelling: str, in_place: list[int]) -> None:
+    if not _writes_over_gradients_now():
+        pytest.skip("writes over incoming gradients are off in this process (after an earlier torch.compile)")
     blocks, params = _blocks()
     net = inv.chain(*blocks)
 
