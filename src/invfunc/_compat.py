@@ -48,9 +48,9 @@ __all__ = [
     "use_count",
 ]
 
-#: The PyTorch releases (major.minor) the whole test suite passes on. (On 2.4.1, 498 of
-#: 515 tests pass: memory reuse that needs ``_swap_data_ptr_`` is off there, see rule 3.)
-TESTED_TORCH: tuple[str, ...] = ("2.13",)
+#: The PyTorch releases (major.minor) the whole test suite passes on (docs/sharp-bits.md,
+#: "PyTorch versions": 2.4.1, 2.13.0 and 2.15.0, on Python 3.10 to 3.13).
+TESTED_TORCH: tuple[str, ...] = ("2.4", "2.13", "2.15")
 
 
 def torch_version() -> str:
