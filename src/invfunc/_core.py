@@ -211,10 +211,12 @@ class Invertible:
 
     @property
     def n_inputs(self) -> int | None:
+        """How many leading arguments are data; None for an inverse while unknown."""
         return self._counts.n_out if self._is_inverse else self._counts.n_in
 
     @property
     def n_outputs(self) -> int | None:
+        """How many data tensors it returns (its inverse's ``n_inputs``); None while unknown."""
         return self._counts.n_in if self._is_inverse else self._counts.n_out
 
     @property
