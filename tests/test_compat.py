@@ -135,3 +135,12 @@ def test_private_torch_apis_are_used_only_through_compat() -> None:
 def test_the_scan_sees_private_apis(line: str) -> None:
     assert _PRIVATE.search(line)
     assert not _PRIVATE.search("print(torch.__version__, self._fn, block._name)")
+
+
+def test_the_demo_warns_on_an_untested_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from invfunc.__main__ import untested_torch
+
+    assert untested_torch() is None  # the suite runs on this one
+    monkeypatch.setattr(_compat, "TESTED_TORCH", ("1.0",))
+    msg = untested_torch()
+    assert msg is not None and msg.startswith("warning: invfunc's test suite runs on torch 1.0, not on ")

@@ -45,6 +45,22 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def untested_torch() -> str | None:
+    """The demo's warning when the PyTorch in use is not one the test suite ran on.
+
+    Examples:
+        >>> untested_torch() is None or untested_torch().startswith("warning:")
+        True
+    """
+    if _compat.torch_version() in _compat.TESTED_TORCH:
+        return None
+    return (
+        f"warning: invfunc's test suite runs on torch {', '.join(_compat.TESTED_TORCH)}, not on "
+        f"{torch.__version__}; results should hold (internals it cannot find fall back to keeping "
+        "inputs), but this version is untested."
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns the exit status."""
     args = _parse(argv)
@@ -54,12 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"batch {args.batch}, {args.steps} SGD steps + 1 warm-up, torch {torch.__version__}, "
         f"{args.threads} thread(s), CPU\n"
     )
-    if _compat.torch_version() not in _compat.TESTED_TORCH:
-        print(
-            f"warning: invfunc's tests run on torch {', '.join(_compat.TESTED_TORCH)}, not on "
-            f"{torch.__version__}; results should hold (unknown internals fall back to keeping "
-            "inputs), but this version is untested.\n"
-        )
+    warning = untested_torch()
+    if warning is not None:
+        print(warning + "\n")
     results: dict[str, Measurement] = {}
     diffs: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="invfunc-demo-") as tmp:
