@@ -174,3 +174,16 @@ def test_already_freed_input_from_a_foreign_free_is_a_clear_error() -> None:
     x.untyped_storage().resize_(0)
     with pytest.raises(inv.FreedTensorError, match="has no storage"):
         inv.invertible_call(f, x)
+
+
+def test_partials_are_named_by_the_function_they_wrap() -> None:
+    import functools
+
+    def conv(h: torch.Tensor, scale: float) -> torch.Tensor:
+        return h * scale
+
+    block = inv.couple(functools.partial(conv, scale=0.5), functools.partial(conv, scale=2.0))
+    assert block._name == "couple(conv, conv)"
+    with inv.explain() as report:
+        inv.invertible_call(block, torch.randn(2, 4, requires_grad=True) * 1)
+    assert report.freed[0][0] == "couple(conv, conv)"
