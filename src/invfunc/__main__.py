@@ -1,7 +1,8 @@
 """The demo: ``python -m invfunc`` trains a reversible MLP three ways and compares them.
 
 The same network (``--depth`` couplings ``y1 = x1 + F(x2); y2 = x2 + G(y1)`` with F and
-G ``Linear -> ReLU -> Linear``), the same weights and data, trained for ``--steps`` SGD
+G ``Linear -> ReLU -> Linear``, the last layers started near zero so that it trains at
+any depth), the same weights and data, trained for ``--steps`` SGD
 steps under plain autograd, ``torch.utils.checkpoint`` (one per block) and invfunc (one
 ``invertible_call`` over a ``chain``, the input batch freed as well with ``free=``).
 Each runs in its own child process, measured as described in :mod:`invfunc._measure`;
@@ -12,6 +13,7 @@ and how far the first step's gradients are from plain autograd's.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -64,7 +66,7 @@ def untested_torch() -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns the exit status."""
     args = _parse(argv)
-    options = {"depth": args.depth, "batch": args.batch, "hidden": args.hidden}
+    options = {"depth": args.depth, "batch": args.batch, "hidden": args.hidden, "stable": True}
     print(
         f"invfunc demo: {args.depth} coupling blocks (Linear-ReLU-Linear, width 2x{args.hidden}), "
         f"batch {args.batch}, {args.steps} SGD steps + 1 warm-up, torch {torch.__version__}, "
@@ -90,6 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             except MeasureError as e:
                 print(f"  {label} failed:\n{e}")
+                return 1
+            bad = [i for i, loss in enumerate(results[config].losses) if not math.isfinite(loss)]
+            if bad:
+                print(
+                    f"  {label}: the loss is {results[config].losses[bad[0]]} at step {bad[0]} (of "
+                    f"{len(results[config].losses)}, warm-up first): the training diverged, so this run "
+                    "measures nothing. Lower --lr, or report it: the demo's network should train at any "
+                    "depth."
+                )
                 return 1
             diffs[config] = grad_difference(os.path.join(tmp, "plain.pt"), grads)
 

@@ -386,8 +386,14 @@ def coupled_model(
     raise ValueError(f"coupled_model({config!r}, ...): unknown config; expected one of {', '.join(CONFIGS)}.")
 
 
-def mlp_pairs(depth: int, hidden: int, *, device: str = "cpu") -> list[tuple[nn.Module, nn.Module]]:
+def mlp_pairs(
+    depth: int, hidden: int, *, device: str = "cpu", last_scale: float | None = None
+) -> list[tuple[nn.Module, nn.Module]]:
     """``depth`` pairs ``(F, G)``, each ``Linear(hidden, hidden) -> ReLU -> Linear(hidden, hidden)``.
+
+    With ``last_scale``, each last Linear starts with its weights scaled by it and a zero
+    bias (no random draw more: the same seed gives the same data), so that the stream
+    grows little with depth, as reversible-network practice initialises.
 
     Examples:
         >>> pairs = mlp_pairs(2, 4)
@@ -400,7 +406,13 @@ def mlp_pairs(depth: int, hidden: int, *, device: str = "cpu") -> list[tuple[nn.
     """
 
     def mlp() -> nn.Module:
-        return nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden)).to(device)
+        last = nn.Linear(hidden, hidden)
+        m = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), last).to(device)
+        if last_scale is not None:
+            with torch.no_grad():
+                last.weight.mul_(last_scale)
+                last.bias.zero_()
+        return m
 
     return [(mlp(), mlp()) for _ in range(depth)]
 
@@ -415,11 +427,15 @@ def pair_params(pairs: Sequence[tuple[nn.Module, nn.Module]]) -> list[torch.Tens
     return [p for F, G in pairs for m in (F, G) for p in m.parameters()]
 
 
-def mlp_workload(*, config: str, depth: int, batch: int, hidden: int, device: str = "cpu") -> Workload:
+def mlp_workload(
+    *, config: str, depth: int, batch: int, hidden: int, device: str = "cpu", stable: bool = False
+) -> Workload:
     """The reversible MLP of the reference benchmark under one of :data:`CONFIGS`.
 
     ``depth`` couplings of ``Linear -> ReLU -> Linear`` (:func:`mlp_pairs`) on a batch
-    ``(batch, 2 * hidden)`` drawn after the weights, so a seed fixes both.
+    ``(batch, 2 * hidden)`` drawn after the weights, so a seed fixes both. With ``stable``
+    (the demo's), F's and G's last layers start scaled by ``1 / sqrt(depth)`` so that SGD
+    trains at any depth (the benchmark's network, without it, diverges from depth 64).
 
     Examples:
         >>> import torch
@@ -429,7 +445,7 @@ def mlp_workload(*, config: str, depth: int, batch: int, hidden: int, device: st
         >>> w.data.shape, len(w.params)
         (torch.Size([3, 8]), 16)
     """
-    pairs = mlp_pairs(depth, hidden, device=device)
+    pairs = mlp_pairs(depth, hidden, device=device, last_scale=1 / math.sqrt(depth) if stable else None)
     data = torch.randn(batch, 2 * hidden, device=device)
     return Workload(coupled_model(config, pairs), pair_params(pairs), data)
 
