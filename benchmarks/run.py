@@ -6,6 +6,7 @@ Usage (see BENCHMARK.md for the reference workload and the bar)::
     python benchmarks/run.py --workload tiny                  # per-block Python overhead
     python benchmarks/run.py --workload conv --depths 4 8     # convolutional RevNet stage
     python benchmarks/run.py --depths 2 4 --batch 256 --steps 2 --out /tmp/bench   # smoke test
+    python benchmarks/run.py --replot benchmarks/results/*.json   # redraw the plots only
 
 Every (depth, configuration) runs in its own child process through
 ``invfunc._measure.measure`` (NOTE [How a step is measured] there); plain autograd runs
@@ -365,6 +366,7 @@ def plot(args: argparse.Namespace, rows: list[dict[str, Any]], path: Path) -> st
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return "matplotlib is not installed: no plot (pip install matplotlib)"
     cuda = args.device.startswith("cuda")
@@ -385,7 +387,13 @@ def plot(args: argparse.Namespace, rows: list[dict[str, Any]], path: Path) -> st
         ax.set_xticks(args.depths, [str(d) for d in args.depths])
         ax.set_xlabel("depth D (coupling blocks)")
         ax.grid(True, alpha=0.3)
-    ax_mem.set_ylabel("peak CUDA MiB per step" if cuda else "peak RSS growth per step (MiB)")
+    # a log axis: plain autograd and checkpointing grow with depth to hundreds of MiB, and a
+    # linear axis would press every reversible row into one line at the bottom
+    ax_mem.set_yscale("log")
+    ax_mem.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax_mem.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax_mem.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax_mem.set_ylabel(("peak CUDA MiB per step" if cuda else "peak RSS growth per step (MiB)") + ", log")
     ax_time.set_ylabel("time per step / plain autograd" if has_ratio else "ms per step")
     ax_mem.legend(fontsize=8)
     fig.suptitle(f"{W.WORKLOADS[args.workload]['title']}, B={args.batch}, H={args.hidden}")
@@ -406,7 +414,19 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def replot(path: Path) -> str:
+    """Draw ``<workload>.png`` again from a saved ``<workload>.json`` (no run)."""
+    blob = json.loads(path.read_text())
+    args = argparse.Namespace(**blob["settings"])
+    return plot(args, blob["results"], path.with_suffix(".png"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--replot"]:  # python benchmarks/run.py --replot results/mlp.json ...
+        for name in argv[1:]:
+            print(replot(Path(name)), file=sys.stderr)
+        return 0
     args = parse_args(argv)
     print(W.describe(args.workload, args.batch, args.hidden), file=sys.stderr)
     print(f"depths {args.depths}; configs {', '.join(args.configs)}", file=sys.stderr)

@@ -46,3 +46,11 @@ def test_ratios_are_paired_by_round(run):
     assert rows[3]["round_ratio"] == [1.5, 2.5] and rows[3]["time_ratio"] == pytest.approx(2.0)
     assert rows[3]["step_ms"] == 400.0
     assert "time_ratio" not in rows[4]
+
+
+def test_replot_draws_a_saved_table_again(run, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    copy = tmp_path / "tiny.json"
+    copy.write_text((BENCH / "results" / "tiny.json").read_text())
+    assert run.main(["--replot", str(copy)]) == 0
+    assert (tmp_path / "tiny.png").stat().st_size > 10_000
