@@ -412,8 +412,10 @@ def report_kept(
     """Tell explain() why each data input of a call that freed none of them is kept: the
     mode is "checkpoint", or the block that received them ran as a plain call."""
     reports = _reports()
+    if not reports:
+        return
     for i, t in enumerate(data):
-        if not reports or not isinstance(t, torch.Tensor):
+        if not isinstance(t, torch.Tensor):
             continue
         if mode == "checkpoint":
             why = "mode='checkpoint' keeps the inputs"

@@ -67,7 +67,7 @@ import torch
 
 from ._compat import is_wrapped
 
-__all__ = ["Checksum", "Choice", "choice_of", "replay_choice"]
+__all__ = ["Checksum", "Choice", "choice_of", "is_choice", "may_choose", "replay_choice"]
 
 _Tensor = torch.Tensor
 
@@ -226,34 +226,24 @@ def is_choice(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, A
     return _reads_float(args, kwargs)
 
 
+def may_choose(func: Callable[..., Any], out: Any) -> bool:
+    """A cheap first look, for every op a tracer sees: False when ``out`` cannot be a
+    choice (a floating-point tensor from an op that is not integer-valued)."""
+    return not isinstance(out, _Tensor) or not out.is_floating_point() or _name(func) in _INTEGRAL
+
+
 def choice_of(
     func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], out: Any
 ) -> Choice | None:
     """The choice this op made in the forward, kept (rule 2), or None if it made none."""
-    if isinstance(out, _Tensor):
-        if out.is_floating_point() or out.is_complex():
-            if _name(func) not in _INTEGRAL or not is_choice(func, args, kwargs, out):
-                return None
-            return Choice(func, [(-1, _pack_integral(out))], None)
-        if not is_choice(func, args, kwargs, out):
-            return None
-        return Choice(func, [(-1, Packed(out, _bound(func, args, kwargs)))], None)
-    if isinstance(out, tuple):
-        if not is_choice(func, args, kwargs, out):
-            return None
-        bound = _bound(func, args, kwargs)
-        return Choice(func, [(i, Packed(o, bound)) for i, o in enumerate(out) if _discrete(o)], None)
-    if _name(func) in _PYTHON_VALUES and _reads_float(args, kwargs):
+    if not is_choice(func, args, kwargs, out):
+        return None
+    if _name(func) in _PYTHON_VALUES:
         return Choice(func, None, copy.deepcopy(out))
-    return None
-
-
-def _pack_integral(out: _Tensor) -> Packed:
-    p = Packed.__new__(Packed)
-    p.dtype, p.shape, p.numel = out.dtype, out.shape, out.numel()
-    t = out.detach()
-    p.data = t.clone() if p.numel < _PACK_MIN or t.layout != torch.strided else _narrowed(t, None)
-    return p
+    bound = _bound(func, args, kwargs)  # None for integer-valued floats: scanned instead
+    if isinstance(out, _Tensor):
+        return Choice(func, [(-1, Packed(out, bound))], None)
+    return Choice(func, [(i, Packed(o, bound)) for i, o in enumerate(out) if _discrete(o)], None)
 
 
 def _bound(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> int | None:

@@ -45,7 +45,7 @@ class Chain(Invertible):
     def n_outputs(self) -> int | None:
         return self.blocks[-1].n_outputs
 
-    def _learn(self, args: Sequence[Any], n_data: int, out: Any) -> None:
+    def _learn(self, args: Sequence[Any], out: Any, n_data: int | None = None) -> None:
         pass  # its blocks learn, as they run
 
     def _plan(self, args: Sequence[Any]) -> tuple[list[Invertible], tuple[Any, ...], tuple[Any, ...]]:
@@ -143,7 +143,7 @@ class Coupling(Invertible):
         super().__init__(self._plain, self._plain_inverse, n_inputs=1, name=name, wraps=False)
         self._arity = None
 
-    def _learn(self, args: Sequence[Any], n_data: int, out: Any) -> None:
+    def _learn(self, args: Sequence[Any], out: Any, n_data: int | None = None) -> None:
         pass  # one tensor or a pair, each call as it comes
 
     # -- plain, differentiable directions -------------------------------------------
@@ -165,8 +165,8 @@ class Coupling(Invertible):
                 "couple splits it into two halves, which needs a size of at least 2. Pass "
                 "couple(..., dim=d) with the dimension to split."
             )
-        h = n // 2  # FrEIA's convention for an odd size: x2 has the extra element
-        return x.narrow(d, 0, h), x.narrow(d, h, n - h), d
+        h, h2 = _sizes(n)
+        return x.narrow(d, 0, h), x.narrow(d, h, h2), d
 
     def _pair(self, args: Sequence[Any], what: str) -> tuple[torch.Tensor, torch.Tensor]:
         if len(args) != 2:
@@ -350,9 +350,8 @@ class Coupling(Invertible):
         live = state.live_inputs() if fast and state.live else [None] * n_data
         if n_data == 1:
             d = self.dim % outs[0].dim()
-            n = outs[0].size(d)
-            h = n // 2
-            sizes = [h, n - h]  # x2 has the extra element of an odd size
+            sizes = _sizes(outs[0].size(d))
+            h = sizes[0]
             gy1, gy2 = grads[0].split_with_sizes(sizes, d)
             on_storage = 3  # NOTE [Incoming gradients nobody holds]: grads[0] and its halves
             mine = [fast and own[0]] * 2
@@ -365,7 +364,7 @@ class Coupling(Invertible):
                 # two views with their own version counters: writing x1 must not look like
                 # an in-place change of the x2 that F's recompute saved (nor writing x2 of
                 # the y1 that G's recompute saved)
-                x1_dst, x2_dst = handles[0].view().narrow(d, 0, h), handles[0].view().narrow(d, h, n - h)
+                x1_dst, x2_dst = handles[0].view().narrow(d, 0, h), handles[0].view().narrow(d, h, sizes[1])
                 y1, y2 = (x1_dst, x2_dst) if spare is not None else outs[0].split_with_sizes(sizes, d)
             else:
                 y1, y2 = outs[0].split_with_sizes(sizes, d)
@@ -393,7 +392,7 @@ class Coupling(Invertible):
             g_out, pull_g = section_vjp(state, self.G, "G", g_in, captured, cap_needs)
             del g_in
             if live[-1] is not None:
-                x2 = live[-1] if n_data == 2 else live[-1].narrow(d, h, n - h)
+                x2 = live[-1] if n_data == 2 else live[-1].narrow(d, h, sizes[1])
             else:
                 x2 = torch.sub(y2, g_out, out=x2_dst) if x2_dst is not None else y2 - g_out
             if fast:
@@ -478,7 +477,7 @@ class _Variadic(Invertible):
         super().__init__(fn, inverse, n_inputs=1, name=name, wraps=False)
         self._arity = None
 
-    def _learn(self, args: Sequence[Any], n_data: int, out: Any) -> None:
+    def _learn(self, args: Sequence[Any], out: Any, n_data: int | None = None) -> None:
         pass  # one tensor or a pair, each call as it comes
 
     def _n_data(self, args: Sequence[Any]) -> int:
@@ -492,7 +491,8 @@ def _alone(t: torch.Tensor, n: int) -> bool:
 
 
 def _sizes(n: int) -> list[int]:
-    """The sizes of the halves of ``n`` elements: the second has the extra one (FrEIA's)."""
+    """The sizes of the halves of ``n`` elements: the second has the extra one of an odd
+    ``n`` (FrEIA's convention)."""
     return [n // 2, n - n // 2]
 
 

@@ -105,6 +105,8 @@ use_count: Callable[[int], int] = _USE_COUNT if _USE_COUNT is not None else _unk
 
 def can_free() -> str | None:
     """None if this torch has what freeing needs, else why inputs are kept (for explain())."""
+    if _SET_VERSION is not None and use_count is not _unknown_use_count:
+        return None  # every call asks: the usual answer first
     missing = [
         name
         for name, have in (

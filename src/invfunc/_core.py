@@ -204,9 +204,9 @@ class Invertible:
     # -- the public face ----------------------------------------------------------
     def __call__(self, *args: Any) -> Any:
         self._check_arity(args, "call")
-        n_data = self._n_data(args)
+        n_data = self._n_data(args)  # (a count that cannot be told raises before the call)
         out = self._fn(*args)
-        self._learn(args, n_data, out)
+        self._learn(args, out, n_data)
         return out
 
     @property
@@ -233,7 +233,7 @@ class Invertible:
     def __repr__(self) -> str:
         return f"Invertible({self._name})"
 
-    # -- the engine protocol (see _apply.py, _autograd.py)--------------------------------
+    # -- the engine protocol (see _apply.py, _autograd.py) ------------------------------
     def _flatten(self) -> list[Invertible]:
         return [self]
 
@@ -255,11 +255,13 @@ class Invertible:
             return self._counts.inverse_data(args, self._name)
         return self._counts.n_in
 
-    def _learn(self, args: Sequence[Any], n_data: int, out: Any) -> None:
-        """Learn the parameter and output counts from a call (NOTE [Data and parameters])."""
+    def _learn(self, args: Sequence[Any], out: Any, n_data: int | None = None) -> None:
+        """Learn the parameter and output counts from a call (NOTE [Data and parameters]);
+        nothing to do, and ``n_data`` not needed, once both are known."""
         counts = self._counts
         if counts.n_out is None or counts.n_params is None:
-            counts.learn(len(args) - n_data, n_data if self._is_inverse else _count(out))
+            n = self._n_data(args) if n_data is None else n_data
+            counts.learn(len(args) - n, n if self._is_inverse else _count(out))
 
     def _plan(self, args: Sequence[Any]) -> tuple[list[Invertible], tuple[Any, ...], tuple[Any, ...]]:
         """The blocks to run, the first block's arguments, and extra trailing arguments
@@ -269,7 +271,7 @@ class Invertible:
     def _run(self, args: Sequence[Any], section: Any) -> Any:
         """The forward, run once under no_grad while the engine records (see _apply.py)."""
         out = self._fn(*args)
-        self._learn(args, self._n_data(args), out)
+        self._learn(args, out)
         return out
 
     def _static_sections(self) -> dict[str, tuple[list[torch.Tensor], bool]] | None:

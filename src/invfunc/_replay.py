@@ -39,17 +39,15 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from . import _choices
-from ._choices import Choice, Mismatch, choice_of, is_choice, replay_choice
+from ._choices import _PYTHON_VALUES, Choice, Mismatch, choice_of, is_choice, may_choose, replay_choice
 from ._compat import DeviceContext as _DeviceContext
 from ._compat import fsdp_module_type, global_module_hooks, module_children, module_parameters, real_tensors
 from ._compat import function_modes as _function_modes
-from ._compat import is_wrapped as _compat_is_wrapped
+from ._compat import is_wrapped as _is_wrapped
 
 __all__ = ["AutocastState", "RngState", "Tracer"]
 
 _Tensor = torch.Tensor
-_is_wrapped = _compat_is_wrapped
 _CLAIM = 1 << 62  # offset that keeps claimed positions apart from claimed ids
 _NORM_FUNCS = {
     torch.nn.functional.batch_norm: (1, 2, 5, "running_mean", "running_var", "training"),
@@ -58,8 +56,6 @@ _NORM_FUNCS = {
     torch.instance_norm: (3, 4, 5, "running_mean", "running_var", "use_input_stats"),
 }
 # Functions that only read metadata: cheap, and never worth recording.
-_INTEGRAL_NAMES = _choices._INTEGRAL
-_PYTHON_VALUE_NAMES = _choices._PYTHON_VALUES
 _INPLACE_EXCLUDED = {"__setstate__", "requires_grad_", "retain_grad", "share_memory_"}
 
 
@@ -221,11 +217,7 @@ class Tracer(TorchFunctionMode):
             self._update_refs.append(target)
         out = func(*args, **kwargs)
         self._mark_produced(out)
-        if (
-            not isinstance(out, _Tensor)
-            or not out.is_floating_point()
-            or getattr(func, "__name__", "") in _INTEGRAL_NAMES
-        ):
+        if may_choose(func, out):
             choice = choice_of(func, args, kwargs, out)
             if choice is not None:
                 if any(_is_wrapped(p.data) for _, p in choice.results or ()):
@@ -267,17 +259,13 @@ class Tracer(TorchFunctionMode):
         if norm is not None:
             args, kwargs = _without_running_stats(norm, list(args), kwargs)
         replayed = self.replayed
-        if replayed is not None and getattr(func, "__name__", "") in _PYTHON_VALUE_NAMES:
+        if replayed is not None and getattr(func, "__name__", "") in _PYTHON_VALUES:
             if is_choice(func, args, kwargs, None):  # a Python value: not read again
                 return self._replay_choice(func, args, kwargs, None)
         out = func(*args, **kwargs)
         if self.check is not None:
             self._mark_produced(out)
-        if replayed is not None and (
-            not isinstance(out, _Tensor)
-            or not out.is_floating_point()
-            or getattr(func, "__name__", "") in _INTEGRAL_NAMES
-        ):
+        if replayed is not None and may_choose(func, out):
             if is_choice(func, args, kwargs, out):
                 out = self._replay_choice(func, args, kwargs, out)
                 if self.check is not None:
@@ -359,11 +347,6 @@ def _without_running_stats(
     return args, kwargs
 
 
-def _real_tensors() -> contextlib.AbstractContextManager[Any]:
-    """A region where tensor ops run for real even if a FakeTensorMode is active."""
-    return real_tensors()
-
-
 _RNG_LOCK = threading.RLock()
 
 
@@ -382,7 +365,7 @@ class RngState:
         """True if no random number was drawn since this state was captured."""
         if self.user:
             return False
-        with _real_tensors():  # generator states are real tensors, even under FakeTensorMode
+        with real_tensors():  # generator states are real tensors, even under FakeTensorMode
             if not torch.equal(self.cpu, torch.get_rng_state()):
                 return False
             return all(torch.equal(s, torch.cuda.get_rng_state(d)) for d, s in self.cuda)

@@ -140,7 +140,7 @@ class BlockState:
                 and type(t) is torch.Tensor
                 and _compat.version(t) == entry[1]
                 and not is_freed(t)
-            ):  # type: ignore[index]
+            ):
                 out[i] = t.detach()
         return out
 
@@ -202,7 +202,7 @@ class BlockState:
             )
             choices = self.choices_for(section, whole)
             if choices is not None:
-                what = "the block" if whole or len(self.block._sections) == 1 else str(section)
+                what = self._what(None if whole else section)
                 tr.replay_choices(choices, lambda why: self.diverged(what, why), self.replayed)
         tr.updates = self.updates
         tr.norms = self.norms
@@ -221,9 +221,8 @@ class BlockState:
         """A replay handed back the forward's choices; ``changed`` of them differed from
         what the recompute chose itself (reported to explain())."""
         if changed:
-            for rep in self.reports:
-                if rep.open:
-                    rep.flipped.append((self.name, changed))
+            for rep in self._open_reports():
+                rep.flipped.append((self.name, changed))
 
     def check_recompute(self, section: str, outs: Sequence[torch.Tensor]) -> None:
         """Compare a recomputed section's outputs with the forward's checksums (NOTE
@@ -237,16 +236,23 @@ class BlockState:
             err = c.error(t)
             tol = self.policy[1] or RECOMPUTE_RTOL.get(t.dtype, 1e-3)
             if not err <= tol:
-                what = "the block" if len(self.block._sections) == 1 else section
                 out = f"output {i}" if len(sums) > 1 else "its output"
                 self.diverged(
-                    what, f"{out} moved by {err:.1e} of its magnitude (tolerance {tol:.0e} for {t.dtype})"
+                    self._what(section),
+                    f"{out} moved by {err:.1e} of its magnitude (tolerance {tol:.0e} for {t.dtype})",
                 )
+
+    def _what(self, section: str | None) -> str:
+        """How reports name what a replay of ``section`` runs (None: the whole block)."""
+        return "the block" if section is None or len(self.block._sections) == 1 else section
+
+    def _open_reports(self) -> list[_Explain]:
+        """The explain() regions of the forward that are still open."""
+        return [r for r in self.reports if r.open]
 
     def diverged(self, what: str, why: str) -> None:
         """The recompute of ``what`` is not the forward's computation: warn or raise."""
-        reports = [r for r in self.reports if r.open]
-        _verify.diverged(self.name, what, why, self.policy[0], reports)  # type: ignore[arg-type]
+        _verify.diverged(self.name, what, why, self.policy[0], self._open_reports())  # type: ignore[arg-type]
 
     def swap_error(self, what: str) -> InvfuncError:
         return InvfuncError(
@@ -299,8 +305,7 @@ class BlockState:
         """Compare rebuilt inputs with the forward's fingerprints (NOTE [Fingerprints])."""
         if self.prints is not None:
             policy, rtol = self.policy
-            reports = [r for r in self.reports if r.open]
-            _verify.check(self.name, self.prints, rebuilt, policy, rtol, reports)  # type: ignore[arg-type]
+            _verify.check(self.name, self.prints, rebuilt, policy, rtol, self._open_reports())  # type: ignore[arg-type]
 
     def link(self, j: int, handle: StorageHandle) -> None:
         """Output ``j`` was freed by a later block, through ``handle``."""

@@ -177,20 +177,18 @@ class StorageHandle:
         if t is not None:
             set_version(t, self.version + 1)
             t.__class__ = Freed
-            key = id(t)
             if rebuild is not None:
-                _GUARDS[key] = (weakref.ref(t, functools.partial(_forget, key)), rebuild)
+                _guard(t, rebuild)
 
     def lose(self, why: str) -> None:
         """The tensor can no longer be rebuilt: reading it raises, saying ``why``."""
         t = self.tensor
         if t is not None and type(t) is Freed:
-            key = id(t)
 
             def lost() -> None:
                 raise FreedTensorError(why)
 
-            _GUARDS[key] = (weakref.ref(t, functools.partial(_forget, key)), lost)
+            _guard(t, lost)
 
     def view(self) -> torch.Tensor:
         """A new tensor on the (refilled) storage, with its own version counter."""
@@ -255,6 +253,12 @@ _SLOT_REFS = _slot_refs(StorageHandle(torch.empty(1), True))
 
 # id(tensor) -> (weakref to it, rebuild callback). Entries die with their tensors.
 _GUARDS: dict[int, tuple[weakref.ref[torch.Tensor], Callable[[], None]]] = {}
+
+
+def _guard(t: torch.Tensor, on_read: Callable[[], None]) -> None:
+    """What a read of the freed ``t`` calls (NOTE [Guarded tensors]): until ``t`` dies."""
+    key = id(t)
+    _GUARDS[key] = (weakref.ref(t, functools.partial(_forget, key)), on_read)
 
 
 def _forget(key: int, _ref: object = None) -> None:
