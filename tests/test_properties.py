@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import invfunc as inv
-from invfunc import _combinators
+from invfunc import _coupling
 from invfunc.testing import check_grads, check_inverse
 from invfunc.testing.strategies import Composite, composites
 
@@ -33,7 +33,7 @@ def _reuse_every_size() -> Iterator[None]:
     [Outputs nobody holds], NOTE [Outputs in the memory of the input they replace]), so
     that the properties hold of that path too; the others cover small tensors."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_combinators, "REUSE_MIN_BYTES", 0)
+        mp.setattr(_coupling, "REUSE_MIN_BYTES", 0)
         yield
 
 

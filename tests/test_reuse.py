@@ -18,7 +18,7 @@ import torch
 from tests._util import F64, assert_all_close, freed, mlp
 
 import invfunc as inv
-from invfunc import _autograd, _combinators, _compat
+from invfunc import _autograd, _compat, _coupling
 from invfunc._reuse import INPLACE_GRADS
 from invfunc._storage import StorageHandle
 
@@ -51,14 +51,14 @@ def adopts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def in_place(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts gradients written over the incoming gradient's memory."""
     count = [0]
-    original = _combinators._alone
+    original = _coupling._alone
 
     def counting(t: torch.Tensor, n: int) -> bool:
         ok = original(t, n)
         count[0] += ok
         return ok
 
-    monkeypatch.setattr(_combinators, "_alone", counting)
+    monkeypatch.setattr(_coupling, "_alone", counting)
     return count
 
 
@@ -384,7 +384,7 @@ Fn = Callable[[torch.Tensor], torch.Tensor]
 @pytest.fixture(autouse=True)
 def _reuse_small(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests' tensors are small: let the forward reuse memory of any size."""
-    monkeypatch.setattr(_combinators, "REUSE_MIN_BYTES", 0)
+    monkeypatch.setattr(_coupling, "REUSE_MIN_BYTES", 0)
 
 
 def _recording(fn: Fn, seen: list[int]) -> Fn:
@@ -604,7 +604,7 @@ def test_a_chain_of_one_calls_with_a_second_backward() -> None:
 
 def test_small_tensors_get_fresh_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     # below REUSE_MIN_BYTES an allocation costs less than the checks
-    monkeypatch.setattr(_combinators, "REUSE_MIN_BYTES", 1 << 16)
+    monkeypatch.setattr(_coupling, "REUSE_MIN_BYTES", 1 << 16)
     block, _ = _one_block()
     h = torch.randn(4, 6, dtype=torch.float64, requires_grad=True) * 2
     where = h.data_ptr()

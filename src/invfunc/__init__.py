@@ -6,8 +6,9 @@ Pair a pure function with its inverse (:func:`invertible`), compose with
 """
 
 from ._call import invertible_call
-from ._combinators import chain, couple
+from ._chain import chain
 from ._core import Invertible, inverse, invertible
+from ._coupling import couple
 from ._errors import FreedTensorError, InvertibilityWarning, InvfuncError
 from ._explain import explain
 from ._modes import MODES, current_mode, mode

@@ -10,10 +10,10 @@ import torch
 
 from . import _compat
 from ._apply import apply_block, free_call_inputs, report_kept
-from ._combinators import _Halves, pairs_inside
 from ._core import Invertible, _name
 from ._errors import InvertibilityWarning
 from ._explain import _reports
+from ._halves import _Halves, pairs_inside
 from ._modes import check_mode, current_mode
 from ._replay import AutocastState
 from ._state import replaying

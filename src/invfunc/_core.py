@@ -265,7 +265,7 @@ class Invertible:
 
     def _plan(self, args: Sequence[Any]) -> tuple[list[Invertible], tuple[Any, ...], tuple[Any, ...]]:
         """The blocks to run, the first block's arguments, and extra trailing arguments
-        for the last block (see :class:`invfunc._combinators.Chain`)."""
+        for the last block (see :class:`invfunc._chain.Chain`)."""
         return self._flatten(), tuple(args), ()
 
     def _run(self, args: Sequence[Any], section: Any) -> Any:

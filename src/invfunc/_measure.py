@@ -48,7 +48,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ._call import invertible_call
-from ._combinators import chain, couple
+from ._chain import chain
+from ._coupling import couple
 
 __all__ = [
     "CONFIGS",

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from .._call import invertible_call
-from .._combinators import Chain, Coupling
+from .._chain import Chain
 from .._core import Invertible, _name
+from .._coupling import Coupling
 from .._modes import check_mode, current_mode
 
 __all__ = ["check_grads", "check_inverse", "default_rtol", "find_parameters"]

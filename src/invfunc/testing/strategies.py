@@ -28,8 +28,9 @@ import torch
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from .._combinators import chain, couple
+from .._chain import chain
 from .._core import Invertible, invertible
+from .._coupling import couple
 
 __all__ = ["BLOCKS", "FLOAT_DTYPES", "FORMS", "LAYERS", "Composite", "composites", "tensors"]
 

@@ -1,8 +1,7 @@
-"""Composing invertible functions: :func:`chain` and :func:`couple`."""
+"""The additive (RevNet) coupling: :func:`couple`."""
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -11,7 +10,6 @@ import torch
 
 from . import _compat
 from ._apply import Pending, Sections
-from ._autograd import _generic_vjp, rebuild
 from ._core import Invertible, _name
 from ._replay import mode_dependent, reread, static_reads
 from ._reuse import REUSE_MIN_BYTES, owned
@@ -19,115 +17,7 @@ from ._state import BlockState, _is_wrapped
 from ._storage import _use_count
 from ._vjp import _fast_path, drop_if_unread, section_vjp
 
-__all__ = ["Chain", "Coupling", "chain", "couple"]
-
-
-class Chain(Invertible):
-    """Invertible functions applied in list order (see :func:`chain`).
-
-    Trailing parameters go to the block that takes them: the first block of a chain,
-    and so the last block (its inverse) of the inverse chain.
-    """
-
-    def __init__(self, blocks: Sequence[Invertible], params_of: Invertible | None = None) -> None:
-        self.blocks = tuple(blocks)
-        # the inverse chain: the block whose inverse is last, and takes the parameters
-        self._params_of = params_of
-        names = ", ".join(b._name for b in self.blocks)
-        super().__init__(self._forward, self._inverse_fn, name=f"chain({names})", wraps=False)
-        self._arity = None
-
-    @property
-    def n_inputs(self) -> int | None:
-        return self.blocks[0].n_inputs
-
-    @property
-    def n_outputs(self) -> int | None:
-        return self.blocks[-1].n_outputs
-
-    def _learn(self, args: Sequence[Any], out: Any, n_data: int | None = None) -> None:
-        pass  # its blocks learn, as they run
-
-    def _plan(self, args: Sequence[Any]) -> tuple[list[Invertible], tuple[Any, ...], tuple[Any, ...]]:
-        blocks = self._flatten()
-        p = _n_params(self._params_of) if self._params_of is not None else 0
-        if not p:
-            return blocks, tuple(args), ()
-        if len(args) <= p:
-            raise TypeError(
-                f"invfunc.{self._name}: expected the outputs to invert followed by {p} parameter(s) "
-                f"of its last block, got {len(args)} arguments."
-            )
-        return blocks, tuple(args[:-p]), tuple(args[-p:])
-
-    def _forward(self, *args: Any) -> Any:
-        blocks, first, last = self._plan(args)
-        out: Any = first
-        for i, b in enumerate(blocks):
-            extra = last if i == len(blocks) - 1 else ()
-            out = b(*out, *extra) if isinstance(out, tuple) else b(out, *extra)
-        return out
-
-    def _inverse_fn(self, *args: Any) -> Any:
-        return self.inverse(*args)
-
-    @property
-    def inverse(self) -> Invertible:
-        if self._inverse is None:
-            blocks = self._flatten()
-            inv = Chain([b.inverse for b in reversed(blocks)], params_of=blocks[0])
-            inv._inverse = self
-            self._inverse = inv
-        return self._inverse
-
-    def _flatten(self) -> list[Invertible]:
-        return [leaf for b in self.blocks for leaf in b._flatten()]
-
-    def _n_data(self, args: Sequence[Any]) -> int:
-        blocks, first, _ = self._plan(args)
-        return blocks[0]._n_data(first)
-
-
-def _n_params(block: Invertible) -> int:
-    """How many trailing parameters ``block`` takes (0 when that is not known)."""
-    return block._counts.n_params or 0
-
-
-def chain(*fns: Invertible) -> Invertible:
-    """Compose invertible functions in list order: ``chain(f, g)(x) == g(f(x))``.
-
-    A block's outputs are the next block's inputs (a tuple is unpacked). The inverse
-    is the reversed chain of inverses, and nested chains flatten. Under
-    :func:`invfunc.invertible_call` each block is its own autograd node: its input is
-    freed after the forward and rebuilt in backward, so memory does not grow with depth.
-
-    Args:
-        *fns: one or more :class:`Invertible` (from :func:`invertible`,
-            :func:`couple` or :func:`chain`).
-
-    Examples:
-        >>> import torch, invfunc as inv
-        >>> add1 = inv.invertible(lambda x: x + 1, inverse=lambda y: y - 1)
-        >>> dbl = inv.invertible(lambda x: x * 2, inverse=lambda y: y / 2)
-        >>> f = inv.chain(add1, dbl)
-        >>> f(torch.tensor([1.0]))                  # dbl(add1(x))
-        tensor([4.])
-        >>> f.inverse(torch.tensor([4.0]))
-        tensor([1.])
-        >>> len(inv.chain(f, f).blocks)               # nested chains flatten
-        4
-    """
-    if not fns:
-        raise TypeError("invfunc.chain(*fns): expected at least one Invertible, got none.")
-    blocks: list[Invertible] = []
-    for i, f in enumerate(fns):
-        if not isinstance(f, Invertible):
-            raise TypeError(
-                f"invfunc.chain(*fns): argument {i} is {_name(f)} ({type(f).__name__}), not an Invertible; "
-                "wrap it with invfunc.invertible(f, inverse=...) or use invfunc.couple(F, G)."
-            )
-        blocks.extend(f.blocks if isinstance(f, Chain) else [f])
-    return Chain(blocks)
+__all__ = ["Coupling", "couple"]
 
 
 class Coupling(Invertible):
@@ -494,109 +384,6 @@ def _sizes(n: int) -> list[int]:
     """The sizes of the halves of ``n`` elements: the second has the extra one of an odd
     ``n`` (FrEIA's convention)."""
     return [n // 2, n - n // 2]
-
-
-def _split_halves(x: torch.Tensor, *, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    a, b = x.split_with_sizes(_sizes(x.size(d)), d)
-    return a.clone(memory_format=torch.contiguous_format), b.clone(memory_format=torch.contiguous_format)
-
-
-class _Halves(Invertible):
-    """``split halves`` (one tensor to its two contiguous halves along ``d``) or ``join
-    halves`` (the pair back to one tensor): the ends of a chain run with pairs inside.
-
-    They read no parameters and draw no random numbers (static, no recording), and their
-    backward writes the rebuilt input straight into its freed storage (no temporary)."""
-
-    _exact = True  # the inverse copies values: no drift to verify
-
-    def __init__(self, d: int, join: bool) -> None:
-        split = functools.partial(_split_halves, d=d)
-        cat = functools.partial(_cat, d=d)
-        super().__init__(
-            cat if join else split,
-            split if join else cat,
-            n_inputs=2 if join else 1,
-            name="join halves" if join else "split halves",
-            wraps=False,
-        )
-        self._arity = None
-        self.d, self.join = d, join
-
-    def _static_sections(self) -> dict[str, tuple[list[torch.Tensor], bool]] | None:
-        return {self._sections[0]: ([], False)}
-
-    def _static_reads(self, section: str) -> list[torch.Tensor] | None:
-        return []
-
-    def _fused_backward(
-        self,
-        state: BlockState,
-        outs: Sequence[torch.Tensor],
-        grads: Sequence[torch.Tensor],
-        explicit: Sequence[torch.Tensor],
-        captured: Sequence[torch.Tensor],
-        needs: Sequence[bool],
-        own: Sequence[bool],
-    ) -> list[torch.Tensor | None]:
-        if not _fast_path(*outs, *grads) or state.prints is not None:  # graph wanted, or verify: general
-            return _generic_vjp(
-                state, rebuild(state, outs, explicit, captured), explicit, captured, grads, needs
-            )
-        d, handles = self.d, state.handles
-        if handles is not None:
-            if self.join:  # the pair, rebuilt from the caller's output (which stays)
-                for h, half in zip(handles, outs[0].detach().split_with_sizes(_sizes(outs[0].size(d)), d)):
-                    if h is not None and h.freed:
-                        h.view().copy_(half)
-            elif handles[0] is not None and handles[0].freed:
-                torch.cat([outs[0].detach(), outs[1].detach()], d, out=handles[0].view())
-            state.restore_guards()
-        del outs
-        state.release_output()
-        if self.join:
-            g = grads[0]
-            data_grads = list(g.split_with_sizes(_sizes(g.size(d)), d))
-        else:
-            data_grads = [torch.cat([grads[0], grads[1]], d)]
-        return [g if n else None for g, n in zip(data_grads, needs)]
-
-
-def _cat(a: torch.Tensor, b: torch.Tensor, *, d: int) -> torch.Tensor:
-    return torch.cat([a, b], d)
-
-
-def _halves(d: int) -> tuple[Invertible, Invertible]:
-    """The blocks that take one tensor to its two contiguous halves along ``d``, and back.
-
-    NOTE [Pairs inside a chain]: a chain of single-tensor couplings is run with pairs
-    between its blocks: one ``split halves`` block first, one ``join halves`` block last.
-    The halves are then contiguous tensors of their own (G reads ``y1`` without a copy, no
-    narrow views in the backward), each freed and rebuilt like any boundary; the two extra
-    blocks cost a copy of the input and of the output per call instead of copies per block.
-    """
-    got = _HALVES.get(d)
-    if got is None:
-        got = _HALVES[d] = (_Halves(d, join=False), _Halves(d, join=True))
-    return got
-
-
-_HALVES: dict[int, tuple[Invertible, Invertible]] = {}
-
-
-def pairs_inside(blocks: list[Invertible], first: tuple[Any, ...]) -> list[Invertible]:
-    """``blocks``, run with pairs between them where that is the same computation
-    (NOTE [Pairs inside a chain]): two or more single-tensor couplings on the same dim."""
-    if len(blocks) < 2 or len(first) != 1 or not isinstance(first[0], torch.Tensor):
-        return blocks
-    x = first[0]
-    if x.dim() == 0 or _is_wrapped(x) or not all(type(b) is Coupling for b in blocks):
-        return blocks
-    d = blocks[0].dim % x.dim()  # type: ignore[attr-defined]
-    if x.size(d) < 2 or any(b.dim % x.dim() != d for b in blocks):  # type: ignore[attr-defined]
-        return blocks  # the couplings raise their own clear errors
-    split, join = _halves(d)
-    return [split, *blocks, join]
 
 
 def _shape(x: object) -> str:
