@@ -102,7 +102,7 @@ def test_wrong_arity() -> None:
     f = inv.invertible(lambda x, w: x * w, inverse=lambda y, w: y / w)
     with pytest.raises(TypeError, match=r"invertible_call\(<lambda>, \.\.\.\): <lambda> takes 2 positional"):
         inv.invertible_call(f, torch.randn(2, requires_grad=True))
-    with pytest.raises(TypeError, match=r"expected one tensor or a pair"):
+    with pytest.raises(TypeError, match=r"takes one tensor or a pair, nothing else"):
         inv.invertible_call(
             inv.couple(torch.nn.Linear(1, 1)), torch.randn(2, 2), torch.randn(2, 2), torch.randn(1)
         )

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-PAGES = sorted(p.name for p in DOCS.glob("*.md"))
+# every page, tutorials/ included; the ids are paths relative to docs/ ("tutorials/testing.md")
+PAGES = sorted(
+    p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md") if "_build" not in p.relative_to(DOCS).parts
+)
 
 
 @pytest.mark.parametrize("page", PAGES)

@@ -168,9 +168,8 @@ def _call(
         return id(t) not in arg_ids
 
     autocast = AutocastState()
-    blocks, out, last_params = fn._plan(args)
-    if not last_params:
-        blocks = pairs_inside(blocks, out)
+    blocks, out, extras = fn._plan(args)
+    blocks, extras = pairs_inside(blocks, extras, out)
     single = False
     state = first = None
     labels = _labels(blocks)
@@ -180,8 +179,8 @@ def _call(
     lend_first = free_leaf if len(blocks) == 1 else None
     for k, block in enumerate(blocks):
         cur = out if not single else (out,)
-        if k == len(blocks) - 1:
-            cur = (*cur, *last_params)
+        if extras[k]:
+            cur = (*cur, *extras[k])
         label = labels[k]
         out, single, state = apply_block(
             block,

@@ -13,14 +13,29 @@ __all__ = ["Chain", "chain"]
 class Chain(Invertible):
     """Invertible functions applied in list order (see :func:`chain`).
 
-    Trailing parameters go to the block that takes them: the first block of a chain,
-    and so the last block (its inverse) of the inverse chain.
+    NOTE [Trailing arguments of a chain]
+
+    1. The chain's data are its first block's data inputs; the arguments after them
+       are the call's trailing arguments (parameters, per-call arguments).
+    2. Every block that takes arguments after its data receives the same trailing
+       arguments, all of them: a graph's ``edge_index`` reaches every layer of a stack.
+       A block takes them when its parameter count is known and non-zero (a fixed
+       signature, or learnt from a call), when its signature requires them, or when it
+       is a coupling declared with ``n_inputs=``. A block whose count is not known
+       otherwise (``*args``, defaults, a builtin) takes them only when it leads the
+       chain, as a lone block takes all its arguments.
+    3. A block that takes a number of parameters other than the trailing arguments'
+       is an error naming it and the fix (bind its own with ``functools.partial``).
+    4. The inverse chain hands the same arguments to the same blocks: a block's inverse
+       takes its parameters. It leads from the end: the rule for unreadable signatures
+       looks at its last block, and its data count, when its first block cannot tell it,
+       is the arguments less a parameter count some block knows. So is the data count of
+       a chain led by a coupling without ``n_inputs=`` (one tensor or a pair).
     """
 
-    def __init__(self, blocks: Sequence[Invertible], params_of: Invertible | None = None) -> None:
+    def __init__(self, blocks: Sequence[Invertible], lead_last: bool = False) -> None:
         self.blocks = tuple(blocks)
-        # the inverse chain: the block whose inverse is last, and takes the parameters
-        self._params_of = params_of
+        self._lead_last = lead_last  # the inverse of a chain (rule 4)
         names = ", ".join(b._name for b in self.blocks)
         super().__init__(self._forward, self._inverse_fn, name=f"chain({names})", wraps=False)
         self._arity = None
@@ -36,23 +51,35 @@ class Chain(Invertible):
     def _learn(self, args: Sequence[Any], out: Any, n_data: int | None = None) -> None:
         pass  # its blocks learn, as they run
 
-    def _plan(self, args: Sequence[Any]) -> tuple[list[Invertible], tuple[Any, ...], tuple[Any, ...]]:
+    def _plan(self, args: Sequence[Any]) -> tuple[list[Invertible], tuple[Any, ...], list[tuple[Any, ...]]]:
         blocks = self._flatten()
-        p = _n_params(self._params_of) if self._params_of is not None else 0
-        if not p:
-            return blocks, tuple(args), ()
-        if len(args) <= p:
-            raise TypeError(
-                f"invfunc.{self._name}: expected the outputs to invert followed by {p} parameter(s) "
-                f"of its last block, got {len(args)} arguments."
-            )
-        return blocks, tuple(args[:-p]), tuple(args[-p:])
+        n = self._data_count(blocks, args)
+        data, rest = tuple(args[:n]), tuple(args[n:])
+        if not rest:
+            return blocks, data, [()] * len(blocks)
+        lead = len(blocks) - 1 if self._lead_last else 0
+        where = f"invfunc.{self._name}"
+        return (
+            blocks,
+            data,
+            [rest if b._takes_rest(len(rest), i == lead, where) else () for i, b in enumerate(blocks)],
+        )
+
+    @staticmethod
+    def _data_count(blocks: Sequence[Invertible], args: Sequence[Any]) -> int:
+        """The chain's data count (NOTE [Trailing arguments of a chain], rules 1 and 4)."""
+        first = blocks[0]
+        if first._declared_data() is None:  # an inverse whose output count is not known
+            # yet, or a coupling taking one tensor or a pair
+            p = next((b._counts.n_params for b in blocks if b._counts.n_params), None)
+            if p is not None and len(args) > p:
+                return len(args) - p
+        return first._n_data(args)
 
     def _forward(self, *args: Any) -> Any:
-        blocks, first, last = self._plan(args)
-        out: Any = first
-        for i, b in enumerate(blocks):
-            extra = last if i == len(blocks) - 1 else ()
+        blocks, data, extras = self._plan(args)
+        out: Any = data
+        for b, extra in zip(blocks, extras):
             out = b(*out, *extra) if isinstance(out, tuple) else b(out, *extra)
         return out
 
@@ -63,7 +90,7 @@ class Chain(Invertible):
     def inverse(self) -> Invertible:
         if self._inverse is None:
             blocks = self._flatten()
-            inv = Chain([b.inverse for b in reversed(blocks)], params_of=blocks[0])
+            inv = Chain([b.inverse for b in reversed(blocks)], lead_last=not self._lead_last)
             inv._inverse = self
             self._inverse = inv
         return self._inverse
@@ -72,13 +99,7 @@ class Chain(Invertible):
         return [leaf for b in self.blocks for leaf in b._flatten()]
 
     def _n_data(self, args: Sequence[Any]) -> int:
-        blocks, first, _ = self._plan(args)
-        return blocks[0]._n_data(first)
-
-
-def _n_params(block: Invertible) -> int:
-    """How many trailing parameters ``block`` takes (0 when that is not known)."""
-    return block._counts.n_params or 0
+        return self._data_count(self._flatten(), args)
 
 
 def chain(*fns: Invertible) -> Invertible:

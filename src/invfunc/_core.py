@@ -263,10 +263,33 @@ class Invertible:
             n = self._n_data(args) if n_data is None else n_data
             counts.learn(len(args) - n, n if self._is_inverse else _count(out))
 
-    def _plan(self, args: Sequence[Any]) -> tuple[list[Invertible], tuple[Any, ...], tuple[Any, ...]]:
-        """The blocks to run, the first block's arguments, and extra trailing arguments
-        for the last block (see :class:`invfunc._chain.Chain`)."""
-        return self._flatten(), tuple(args), ()
+    def _plan(self, args: Sequence[Any]) -> tuple[list[Invertible], tuple[Any, ...], list[tuple[Any, ...]]]:
+        """The blocks to run, the first block's data, and the arguments each block takes
+        after its data (NOTE [Trailing arguments of a chain]); one block takes them all."""
+        return [self], tuple(args), [()]
+
+    def _declared_data(self) -> int | None:
+        """The data count every call has, if one is known (a coupling without
+        ``n_inputs=`` takes one tensor or a pair: None)."""
+        return self.n_inputs
+
+    def _takes_rest(self, n_rest: int, lead: bool, where: str) -> bool:
+        """Whether this block, in a chain, takes the ``n_rest`` trailing arguments
+        (NOTE [Trailing arguments of a chain], rules 2 and 3)."""
+        p = self._counts.n_params
+        if p is not None:
+            if p and p != n_rest:
+                raise TypeError(
+                    f"{where}: its block {self._name} takes {p} argument(s) after its data, but the "
+                    f"call has {n_rest} trailing argument(s); a chain hands the same trailing arguments "
+                    "to every block that takes any. Bind a block's own parameters with "
+                    "functools.partial or a closure, or give every such block the same arguments."
+                )
+            return p > 0
+        d = self.n_inputs
+        if not lead and self._arity is not None and d is not None:
+            return self._arity[0] >= d + n_rest  # its signature requires them
+        return lead
 
     def _run(self, args: Sequence[Any], section: Any) -> Any:
         """The forward, run once under no_grad while the engine records (see _apply.py)."""

@@ -21,20 +21,93 @@ __all__ = ["Coupling", "couple"]
 
 
 class Coupling(Invertible):
-    """The additive coupling ``y1 = x1 + F(x2); y2 = x2 + G(y1)`` (see :func:`couple`)."""
+    """The additive coupling ``y1 = x1 + F(x2); y2 = x2 + G(y1)`` (see :func:`couple`).
+
+    NOTE [Per-call arguments]
+
+    1. Declared ``n_inputs`` (1: one tensor split into halves, 2: a pair), the arguments
+       after the data are per-call arguments: F and G receive them on every call, in
+       both directions and every mode, ``F(x2, *rest)`` and ``G(y1, *rest)``.
+    2. To the engine they are the block's parameters: tensors among them are saved (not
+       freed) and differentiated, through F and G both (the fused backward's
+       ``section_vjp`` takes them as explicit values beside the captured tensors).
+    3. Undeclared, a coupling takes one tensor or a pair and nothing else. A second
+       argument that cannot be a half (not a floating tensor, another dtype, device,
+       rank or batch size) is refused before F runs, naming both readings and
+       ``n_inputs``: F would otherwise fail on (or silently read) the wrong argument.
+    4. Inside a chain run with pairs (NOTE [Pairs inside a chain]) a coupling of one
+       tensor runs as its pair form, ``pairs()``, with the same per-call arguments.
+    """
 
     _sections = ("F", "G")
 
-    def __init__(self, F: Callable[..., Any], G: Callable[..., Any] | None, dim: int) -> None:
+    def __init__(
+        self, F: Callable[..., Any], G: Callable[..., Any] | None, dim: int, n_inputs: int | None = None
+    ) -> None:
         self.F = F
         self.G = G
         self.dim = dim
+        self.n_in = n_inputs  # None: one tensor or a pair, as called, and nothing else
         name = f"couple({_name(F)}, {_name(G)})" if G is not None else f"couple({_name(F)})"
-        super().__init__(self._plain, self._plain_inverse, n_inputs=1, name=name, wraps=False)
+        super().__init__(self._plain, self._plain_inverse, n_inputs=n_inputs or 1, name=name, wraps=False)
         self._arity = None
+        self._as_pairs: Coupling | None = None
 
     def _learn(self, args: Sequence[Any], out: Any, n_data: int | None = None) -> None:
         pass  # one tensor or a pair, each call as it comes
+
+    @property
+    def n_outputs(self) -> int | None:
+        return self.n_inputs
+
+    def _takes_rest(self, n_rest: int, lead: bool, where: str) -> bool:
+        return self.n_in is not None  # the arguments after the data go to F and G
+
+    def _declared_data(self) -> int | None:
+        return self.n_in
+
+    def pairs(self) -> Coupling:
+        """The same coupling, taking a pair (NOTE [Pairs inside a chain])."""
+        if self.n_in is None or self.n_in == 2:
+            return self
+        if self._as_pairs is None:
+            self._as_pairs = Coupling(self.F, self.G, self.dim, 2)
+            self._as_pairs._name = self._name
+        return self._as_pairs
+
+    def data_count(self, args: Sequence[Any]) -> int:
+        """How many of ``args`` are data (NOTE [Per-call arguments]); the same rule for
+        both directions."""
+        n = self.n_in
+        if n is not None:
+            if len(args) < n:
+                raise TypeError(
+                    f"invfunc.{self._name}: declared with n_inputs={n} data tensor(s) "
+                    f"({'one tensor split into halves' if n == 1 else 'a pair'}) followed by per-call "
+                    f"arguments for F and G, but called with {len(args)} argument(s)."
+                )
+            return n
+        if len(args) == 1:
+            return 1
+        why = _not_a_half(args, self.dim) if len(args) == 2 else None
+        if len(args) == 2 and why is None:
+            return 2
+        got = ", ".join(_shape(a) + (f" of {a.dtype}" if isinstance(a, torch.Tensor) else "") for a in args)
+        if len(args) == 2:
+            read = (
+                f"Read as a pair (x1, x2), the second cannot be a half: {why}. Read as one tensor "
+                "followed by an argument for F and G, the coupling must say so"
+            )
+        else:
+            read = (
+                "Without n_inputs= it takes one tensor or a pair, nothing else. To pass arguments to F and G"
+            )
+        raise TypeError(
+            f"invfunc.{self._name}: called with {len(args)} arguments ({got}). {read}: declare "
+            "couple(F, G, dim=..., n_inputs=1) for one tensor split into halves, or n_inputs=2 for a "
+            "pair, and the arguments after the data go to F and G on every call, F(x2, *rest) and "
+            "G(y1, *rest), in both directions."
+        )
 
     # -- plain, differentiable directions -------------------------------------------
     def _split(self, x: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -58,27 +131,26 @@ class Coupling(Invertible):
         h, h2 = _sizes(n)
         return x.narrow(d, 0, h), x.narrow(d, h, h2), d
 
-    def _pair(self, args: Sequence[Any], what: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(args) != 2:
-            raise TypeError(
-                f"invfunc.{self._name}: expected one tensor or a pair of tensors, got {len(args)} arguments."
-            )
-        return args[0], args[1]
-
-    def _plain(self, *xs: torch.Tensor) -> Any:
-        if len(xs) == 1:
-            x1, x2, d = self._split(xs[0], "the input")
-            y1, y2 = self._coupled(x1, x2)
+    def _plain(self, *args: Any) -> Any:
+        n = self.data_count(args)
+        rest = args[n:]
+        if n == 1:
+            x1, x2, d = self._split(args[0], "the input")
+            y1, y2 = self._coupled(x1, x2, rest)
             return torch.cat([y1, y2], d)
-        return self._coupled(*self._pair(xs, "input"))
+        return self._coupled(args[0], args[1], rest)
 
-    def _coupled(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y1 = x1 + self._half(self.F, "F", x2, x1)
-        y2 = x2 + self._half(self.G, "G", y1, x2) if self.G is not None else x2
+    def _coupled(
+        self, x1: torch.Tensor, x2: torch.Tensor, rest: Sequence[Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        y1 = x1 + self._half(self.F, "F", x2, x1, rest)
+        y2 = x2 + self._half(self.G, "G", y1, x2, rest) if self.G is not None else x2
         return y1, y2
 
-    def _half(self, fn: Callable[..., Any], which: str, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return self._check_half(fn(x), which, x, like.shape)
+    def _half(
+        self, fn: Callable[..., Any], which: str, x: torch.Tensor, like: torch.Tensor, rest: Sequence[Any]
+    ) -> torch.Tensor:
+        return self._check_half(fn(x, *rest), which, x, like.shape)
 
     def _check_half(self, out: Any, which: str, x: torch.Tensor, like: torch.Size) -> torch.Tensor:
         """F maps x2 to a tensor shaped like x1; G maps y1 to one shaped like x2."""
@@ -91,22 +163,26 @@ class Coupling(Invertible):
             )
         return out
 
-    def _plain_inverse(self, *ys: torch.Tensor) -> Any:
-        if len(ys) == 1:
-            y1, y2, d = self._split(ys[0], "the output")
-            x1, x2 = self._uncoupled(y1, y2)
+    def _plain_inverse(self, *args: Any) -> Any:
+        n = self.data_count(args)
+        rest = args[n:]
+        if n == 1:
+            y1, y2, d = self._split(args[0], "the output")
+            x1, x2 = self._uncoupled(y1, y2, rest)
             return torch.cat([x1, x2], d)
-        return self._uncoupled(*self._pair(ys, "output"))
+        return self._uncoupled(args[0], args[1], rest)
 
-    def _uncoupled(self, y1: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x2 = y2 - self._half(self.G, "G", y1, y2) if self.G is not None else y2
-        x1 = y1 - self._half(self.F, "F", x2, y1)
+    def _uncoupled(
+        self, y1: torch.Tensor, y2: torch.Tensor, rest: Sequence[Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x2 = y2 - self._half(self.G, "G", y1, y2, rest) if self.G is not None else y2
+        x1 = y1 - self._half(self.F, "F", x2, y1, rest)
         return x1, x2
 
     @property
     def inverse(self) -> Invertible:
         if self._inverse is None:
-            inv = _Variadic(self._plain_inverse, self._plain, name=f"inverse({self._name})")
+            inv = _Variadic(self._plain_inverse, self._plain, name=f"inverse({self._name})", of=self)
             inv._inverse = self
             self._inverse = inv
         return self._inverse
@@ -128,24 +204,21 @@ class Coupling(Invertible):
         return None if g is None else {"F": f, "G": g}
 
     def _n_data(self, args: Sequence[Any]) -> int:
-        if len(args) not in (1, 2):
-            raise TypeError(
-                f"invfunc.invertible_call({self._name}, ...): expected one tensor or a pair of tensors, "
-                f"got {len(args)} arguments."
-            )
-        return len(args)
+        return self.data_count(args)
 
     def _run(self, args: Sequence[Any], section: Sections) -> Any:
         # Only F and G run inside sections (recorded); the coupling's own arithmetic runs
         # on detached views, so it is neither recorded nor mistaken for a captured tensor.
         check = self._check_half
-        if len(args) == 2:
+        n = self.data_count(args)
+        rest = args[n:]  # NOTE [Per-call arguments]
+        if n == 2:
             x1, x2 = args[0].detach(), args[1].detach()
             # NOTE [Outputs nobody holds]: the sums are written into F's and G's outputs
             # when nobody else holds them (plain tensors, no forward-mode AD)
             reuse = not _compat.forward_ad_active() and x1.nbytes >= REUSE_MIN_BYTES
             with section("F"):
-                f = self.F(x2)
+                f = self.F(x2, *rest)
             check(f, "F", x2, x1.shape)
             section.output("F", f)
             y1 = f.add_(x1) if reuse and owned(f, x1, sys.getrefcount(f)) else x1 + f
@@ -153,7 +226,7 @@ class Coupling(Invertible):
             if self.G is None:
                 return y1, x2
             with section("G"):
-                g = self.G(y1)
+                g = self.G(y1, *rest)
             check(g, "G", y1, x2.shape)
             section.output("G", g)
             return y1, g.add_(x2) if reuse and owned(g, x2, sys.getrefcount(g)) else x2 + g
@@ -162,11 +235,11 @@ class Coupling(Invertible):
             # no out= writes (they take neither wrapped nor dual tensors)
             x1, x2, d = self._split(x, "the input")
             with section("F"):
-                y1 = x1 + check(self.F(x2), "F", x2, x1.shape)
+                y1 = x1 + check(self.F(x2, *rest), "F", x2, x1.shape)
             if self.G is None:
                 return torch.cat([y1, x2], d)
             with section("G"):
-                return torch.cat([y1, x2 + check(self.G(y1), "G", y1, x2.shape)], d)
+                return torch.cat([y1, x2 + check(self.G(y1, *rest), "G", y1, x2.shape)], d)
         x1, x2, d = self._split(x.detach(), "the input")
         if (
             _compat.CAN_SWAP  # NOTE [Torch versions], rule 3
@@ -178,7 +251,7 @@ class Coupling(Invertible):
             # NOTE [Outputs in the memory of the input they replace]: y1 apart (in F's
             # output when nobody holds it), y assembled once the input's fate is known
             with section("F"):
-                f = self.F(x2)
+                f = self.F(x2, *rest)
             check(f, "F", x2, x1.shape)
             section.output("F", f)
             y1 = f.add_(x1) if owned(f, x1, sys.getrefcount(f)) else x1 + f
@@ -187,14 +260,14 @@ class Coupling(Invertible):
             if self.G is None:
                 return Pending(x, y1, None, d)
             with section("G"):
-                g = self.G(y1)
+                g = self.G(y1, *rest)
             check(g, "G", y1, x2_shape)
             section.output("G", g)
             return Pending(x, y1, g, d)
         y = torch.empty_like(x)
         y1, y2 = y.split_with_sizes([x1.size(d), x2.size(d)], d)
         with section("F"):
-            f = self.F(x2)
+            f = self.F(x2, *rest)
         check(f, "F", x2, x1.shape)
         section.output("F", f)
         if self.G is None:
@@ -204,7 +277,7 @@ class Coupling(Invertible):
         torch.add(x1, f, out=y1)
         del f
         with section("G"):
-            g = self.G(y1)  # a strided view, as F's x2 and as y1 in the backward's recompute
+            g = self.G(y1, *rest)  # a strided view, as F's x2 and as y1 in the backward's recompute
         check(g, "G", y1, x2.shape)
         section.output("G", g)
         torch.add(x2, g, out=y2)
@@ -222,13 +295,13 @@ class Coupling(Invertible):
     ) -> list[torch.Tensor | None]:
         """The RevNet backward: F and G evaluated once each, the input rebuilt on the way."""
         n_data = state.n_data
-        cap_needs = needs[n_data:]
-        cap_grads: list[torch.Tensor | None] = [None] * len(captured)
+        rest_needs = needs[n_data:]  # the per-call arguments' tensors, then the captured ones
+        rest_grads: list[torch.Tensor | None] = [None] * len(rest_needs)
 
         def add(pairs: list[tuple[int, torch.Tensor]]) -> None:
             for i, g in pairs:
-                old = cap_grads[i]
-                cap_grads[i] = g if old is None else old + g
+                old = rest_grads[i]
+                rest_grads[i] = g if old is None else old + g
 
         handles = state.handles or [None] * n_data
         fast = _fast_path(*outs, *grads)
@@ -279,7 +352,7 @@ class Coupling(Invertible):
 
         if self.G is not None:
             g_in = y1
-            g_out, pull_g = section_vjp(state, self.G, "G", g_in, captured, cap_needs)
+            g_out, pull_g = section_vjp(state, self.G, "G", g_in, explicit, captured, rest_needs)
             del g_in
             if live[-1] is not None:
                 x2 = live[-1] if n_data == 2 else live[-1].narrow(d, h, sizes[1])
@@ -305,7 +378,7 @@ class Coupling(Invertible):
             # the one-sided coupling's x2 is y2 (already in x2's storage when moved there)
             x2 = y2 if x2_dst is None or y2 is x2_dst else x2_dst.copy_(y2)
             gz1 = gy1
-        f_out, pull_f = section_vjp(state, self.F, "F", x2, captured, cap_needs)
+        f_out, pull_f = section_vjp(state, self.F, "F", x2, explicit, captured, rest_needs)
         if live[0] is not None:
             x1 = live[0] if n_data == 2 else live[0].narrow(d, 0, h)
         else:
@@ -356,22 +429,29 @@ class Coupling(Invertible):
         else:
             state.refill((x1, x2))
         return [g if n else None for g, n in zip(data_grads, needs)] + [
-            g if n else None for g, n in zip(cap_grads, cap_needs)
+            g if n else None for g, n in zip(rest_grads, rest_needs)
         ]
 
 
 class _Variadic(Invertible):
-    """An Invertible taking one tensor or a pair (the inverse of a coupling)."""
+    """The inverse of a coupling: its data and per-call arguments as the coupling's."""
 
-    def __init__(self, fn: Callable[..., Any], inverse: Callable[..., Any], name: str) -> None:
-        super().__init__(fn, inverse, n_inputs=1, name=name, wraps=False)
+    def __init__(self, fn: Callable[..., Any], inverse: Callable[..., Any], name: str, of: Coupling) -> None:
+        super().__init__(fn, inverse, n_inputs=of.n_in or 1, name=name, wraps=False)
         self._arity = None
+        self._of = of
 
-    def _learn(self, args: Sequence[Any], out: Any, n_data: int | None = None) -> None:
-        pass  # one tensor or a pair, each call as it comes
+    _learn = Coupling._learn
+    n_outputs = Coupling.n_outputs
+
+    def _takes_rest(self, n_rest: int, lead: bool, where: str) -> bool:
+        return self._of._takes_rest(n_rest, lead, where)
+
+    def _declared_data(self) -> int | None:
+        return self._of.n_in
 
     def _n_data(self, args: Sequence[Any]) -> int:
-        return len(args)
+        return self._of.data_count(args)
 
 
 def _alone(t: torch.Tensor, n: int) -> bool:
@@ -386,13 +466,39 @@ def _sizes(n: int) -> list[int]:
     return [n // 2, n - n // 2]
 
 
+def _not_a_half(args: Sequence[Any], dim: int) -> str | None:
+    """Why the second of two arguments cannot be the second half of a pair (None if it can)."""
+    a, b = args
+    if not isinstance(b, torch.Tensor):
+        return f"it is a {type(b).__name__}, not a tensor"
+    if not (b.is_floating_point() or b.is_complex()):
+        return f"its dtype is {b.dtype}, not floating point"
+    if not isinstance(a, torch.Tensor):
+        return None  # the first is refused on its own
+    if b.dtype != a.dtype:
+        return f"its dtype is {b.dtype}, the first's {a.dtype}"
+    if b.device != a.device:
+        return f"it is on {b.device}, the first on {a.device}"
+    if b.dim() != a.dim():
+        return f"it has {b.dim()} dimension(s), the first {a.dim()}"
+    if a.dim() and dim % a.dim() != 0 and a.size(0) != b.size(0):
+        return f"its batch size is {b.size(0)}, the first's {a.size(0)}"
+    return None
+
+
 def _shape(x: object) -> str:
     if isinstance(x, torch.Tensor):
         return f"a tensor of shape {tuple(x.shape)}"
     return f"a {type(x).__name__}"
 
 
-def couple(F: Callable[..., Any], G: Callable[..., Any] | None = None, *, dim: int = 1) -> Invertible:
+def couple(
+    F: Callable[..., Any],
+    G: Callable[..., Any] | None = None,
+    *,
+    dim: int = 1,
+    n_inputs: int | None = None,
+) -> Invertible:
     """The additive (RevNet) coupling: ``y1 = x1 + F(x2); y2 = x2 + G(y1)``.
 
     Called with one tensor, it splits it into halves along ``dim`` and returns one
@@ -402,6 +508,11 @@ def couple(F: Callable[..., Any], G: Callable[..., Any] | None = None, *, dim: i
     be invertible; their parameters get gradients automatically. Under
     :func:`invfunc.invertible_call` the backward evaluates F and G once each (the
     RevNet algorithm), rebuilding the input on the way.
+
+    Per-call arguments (a graph's ``edge_index``, an attention mask) follow the data when
+    ``n_inputs`` is declared, and F and G receive them on every call, in both directions:
+    ``F(x2, *rest)``, ``G(y1, *rest)``. Tensors among them that require grad (a learnable
+    edge weight) get their gradients; they are never freed.
 
     Args:
         F: maps the second half ``x2`` to a tensor shaped like the first, ``x1``.
@@ -413,6 +524,9 @@ def couple(F: Callable[..., Any], G: Callable[..., Any] | None = None, *, dim: i
             channel axis of ``(B, C, H, W)`` images; on ``(B, T, C)`` activations
             (transformers) it is the token axis, which splits the sequence, not the
             channels, with no error: pass ``dim=-1`` for channels-last activations.
+        n_inputs: how many leading arguments are data: 1 (one tensor, split into
+            halves) or 2 (a pair); the arguments after them go to F and G. Left out,
+            the coupling takes one tensor or a pair and nothing else.
 
     Examples:
         >>> import torch, invfunc as inv
@@ -428,6 +542,15 @@ def couple(F: Callable[..., Any], G: Callable[..., Any] | None = None, *, dim: i
         >>> uneven = inv.couple(torch.nn.Linear(3, 2), torch.nn.Linear(2, 3))
         >>> uneven(torch.randn(2, 5)).shape               # split 2 + 3
         torch.Size([2, 5])
+
+        A per-call argument, here a mask that F and G apply:
+
+        >>> lin = torch.nn.Linear(3, 3)
+        >>> masked = inv.couple(lambda h, m: lin(h) * m, lambda h, m: lin(h) * m, dim=1, n_inputs=1)
+        >>> m = torch.tensor([[1.0, 0.0, 1.0]])
+        >>> y = inv.invertible_call(masked, x.requires_grad_(), m)
+        >>> torch.allclose(masked.inverse(y, m), x, atol=1e-6)
+        True
     """
     if not callable(F):
         raise TypeError(f"invfunc.couple(F, G): F must be callable, got {type(F).__name__}.")
@@ -435,4 +558,9 @@ def couple(F: Callable[..., Any], G: Callable[..., Any] | None = None, *, dim: i
         raise TypeError(f"invfunc.couple(F, G): G must be callable or None, got {type(G).__name__}.")
     if not isinstance(dim, int) or isinstance(dim, bool):
         raise TypeError(f"invfunc.couple(F, G, dim=...): dim must be an int, got {dim!r}.")
-    return Coupling(F, G, dim)
+    if n_inputs is not None and (n_inputs not in (1, 2) or isinstance(n_inputs, bool)):
+        raise ValueError(
+            f"invfunc.couple(F, G, n_inputs=...): n_inputs must be 1 (one tensor, split into halves) "
+            f"or 2 (a pair), got {n_inputs!r}."
+        )
+    return Coupling(F, G, dim, n_inputs)

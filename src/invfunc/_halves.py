@@ -105,16 +105,21 @@ def _halves(d: int) -> tuple[Invertible, Invertible]:
 _HALVES: dict[int, tuple[Invertible, Invertible]] = {}
 
 
-def pairs_inside(blocks: list[Invertible], first: tuple[Any, ...]) -> list[Invertible]:
-    """``blocks``, run with pairs between them where that is the same computation
-    (NOTE [Pairs inside a chain]): two or more single-tensor couplings on the same dim."""
+def pairs_inside(
+    blocks: list[Invertible], extras: list[tuple[Any, ...]], first: tuple[Any, ...]
+) -> tuple[list[Invertible], list[tuple[Any, ...]]]:
+    """``blocks`` and the arguments each takes after its data, run with pairs between
+    them where that is the same computation (NOTE [Pairs inside a chain]): two or more
+    couplings of one tensor on the same dim, each then taking a pair."""
     if len(blocks) < 2 or len(first) != 1 or not isinstance(first[0], torch.Tensor):
-        return blocks
+        return blocks, extras
     x = first[0]
-    if x.dim() == 0 or _is_wrapped(x) or not all(type(b) is Coupling for b in blocks):
-        return blocks
+    if (
+        x.dim() == 0 or _is_wrapped(x) or not all(type(b) is Coupling and b.n_in != 2 for b in blocks)  # type: ignore[attr-defined]
+    ):
+        return blocks, extras
     d = blocks[0].dim % x.dim()  # type: ignore[attr-defined]
     if x.size(d) < 2 or any(b.dim % x.dim() != d for b in blocks):  # type: ignore[attr-defined]
-        return blocks  # the couplings raise their own clear errors
+        return blocks, extras  # the couplings raise their own clear errors
     split, join = _halves(d)
-    return [split, *blocks, join]
+    return [split, *(b.pairs() for b in blocks), join], [(), *extras, ()]  # type: ignore[attr-defined]

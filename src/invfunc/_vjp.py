@@ -142,25 +142,38 @@ def section_vjp(
     fn: Callable[..., Any],
     section: str,
     x: torch.Tensor,
+    explicit: Sequence[torch.Tensor],
     captured_now: Sequence[torch.Tensor],
     needs: Sequence[bool],
 ) -> tuple[
     torch.Tensor, Callable[[torch.Tensor], tuple[torch.Tensor | None, list[tuple[int, torch.Tensor]]]]
 ]:
-    """``fn(x)`` and its VJP over ``x`` and the captured tensors ``fn`` reads.
+    """``fn(x, *rest)`` and its VJP over ``x``, the explicit tensors of ``rest`` and the
+    captured tensors ``fn`` reads.
 
-    Returns the output and a function mapping a cotangent to (grad of x, [(index of
-    captured tensor, grad)]). Used by couplings to evaluate F and G once each.
+    ``rest`` is the block's per-call arguments, ``state.merge_params(explicit)``; ``needs``
+    says which of ``[*explicit, *captured_now]`` want a gradient. Returns the output and
+    a function mapping a cotangent to (grad of x, [(index in ``[*explicit,
+    *captured_now]``, grad)]). Used by couplings to evaluate F and G once each.
     """
+    n_exp = len(explicit)
     slots = state.sections.get(section, [])
-    idx = [i for i in slots if needs[i]]
-    values = [x, *(captured_now[i] for i in slots)]
-    diff = [0, *(1 + k for k, i in enumerate(slots) if needs[i])]
-    outs, pull = block_vjp(state, section, lambda v: (fn(v[0]),), values, diff, 1, slots)
+    wanted = [j for j in range(n_exp) if needs[j]] + [n_exp + i for i in slots if needs[n_exp + i]]
+    values = [x, *explicit, *(captured_now[i] for i in slots)]
+    diff = [
+        0,
+        *(1 + j for j in range(n_exp) if needs[j]),
+        *(1 + n_exp + k for k, i in enumerate(slots) if needs[n_exp + i]),
+    ]
+
+    def call(v: Sequence[torch.Tensor]) -> tuple[torch.Tensor]:
+        return (fn(v[0], *state.merge_params(v[1 : 1 + n_exp])),)
+
+    outs, pull = block_vjp(state, section, call, values, diff, 1 + n_exp, slots)
 
     def pullback(g: torch.Tensor) -> tuple[torch.Tensor | None, list[tuple[int, torch.Tensor]]]:
         grads = pull((g,))
-        return grads[0], [(i, gi) for i, gi in zip(idx, grads[1:]) if gi is not None]
+        return grads[0], [(i, gi) for i, gi in zip(wanted, grads[1:]) if gi is not None]
 
     return outs[0], pullback
 
