@@ -65,6 +65,7 @@ CONFIGS = (
     "invfunc-per-block",
     "invfunc-input-kept",
     "invfunc-per-block-pairs",
+    "invfunc-generic",
 )
 
 #: Peer configurations: the module to import and the version BENCHMARK.md measured.
@@ -80,6 +81,7 @@ LABELS = {
     "invfunc-per-block": "invfunc (call per block)",
     "invfunc-input-kept": "invfunc (one call, input kept)",
     "invfunc-per-block-pairs": "invfunc (call per block on pairs, input kept)",
+    "invfunc-generic": "invfunc (one call, blocks written as generic invertibles)",
 }
 
 #: Per workload: what it is, its default sizes and what ``--hidden`` means there.

@@ -5,6 +5,8 @@ doctest, in page order and in one namespace per page, so blocks build on each ot
 Other fences (console, text) are not run. Exit status 1 if any example fails.
 
     python docs/check_examples.py [page.md ...]
+
+Without arguments it runs every page under docs/ (subfolders included, docs/_build not).
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ def check(page: Path) -> int:
 
 def main(argv: list[str]) -> int:
     here = Path(__file__).parent
-    pages = [Path(p) for p in argv] or sorted(here.glob("*.md"))
+    pages = [Path(p) for p in argv] or sorted(
+        p for p in here.rglob("*.md") if "_build" not in p.relative_to(here).parts
+    )
     return 1 if sum(check(p) for p in pages) else 0
 
 

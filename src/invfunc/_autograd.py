@@ -68,7 +68,7 @@ import torch
 
 from . import _compat
 from ._errors import InvfuncError
-from ._reuse import _unheld
+from ._reuse import _unheld, movable
 from ._state import BlockState, _replay_region
 from ._storage import Freed
 from ._vjp import _fast_path, block_vjp
@@ -278,13 +278,49 @@ def rebuild(
         _replay_region(),
     ):
         got = state.block._rebuild(outs, state.merge_params(explicit))
-    data = state.check_rebuilt(got)
-    state.check_drift(data)
-    state.refill(data)
-    data = tuple(r if t is None else t for t, r in zip(live, data))
-    if not torch.is_grad_enabled():  # with create_graph the rebuilt inputs hang on the outputs
+    rebuilt = list(state.check_rebuilt(got))
+    del got
+    state.check_drift(rebuilt)
+    if record:  # the rebuilt inputs carry the graph that gradients of gradients need
+        state.refill(rebuilt)
+    else:
+        _refill_moving(state, rebuilt)
+    data = tuple(r if t is None else t for t, r in zip(live, rebuilt))
+    del rebuilt
+    if not record:  # with create_graph the rebuilt inputs hang on the outputs
         state.release_output()
     return data
+
+
+def _refill_moving(state: BlockState, rebuilt: list[torch.Tensor]) -> None:
+    """Refill the freed inputs from ``rebuilt`` and put the refilled tensors in its place.
+
+    NOTE [Rebuilt inputs moved, not copied]: the inverse's result is written into the
+    input's freed storage, and the block is then differentiated at that storage, not at
+    the result: both alive would be one activation more than the input itself. When the
+    result is a fresh tensor nobody else holds, laid out as the input, its memory is
+    moved into the storage (a swap of data pointers: no copy, no fresh memory); else it
+    is copied, and let go."""
+    handles = state.handles
+    if handles is None:
+        return
+    done: dict[int, torch.Tensor] = {}
+    for i, h in enumerate(handles):
+        if h is None:
+            continue
+        if id(h) in done:  # the same tensor passed twice
+            rebuilt[i] = done[id(h)]
+            continue
+        if h.freed:
+            if _compat.CAN_SWAP and movable(rebuilt, i) and h.fits(rebuilt[i]):
+                h.adopt_memory(rebuilt[i])
+            else:
+                with torch.no_grad():
+                    h.view().copy_(rebuilt[i])
+            h.refill()
+            rebuilt[i] = done[id(h)] = h.view()
+        else:
+            h.refill()
 
 
 def _generic_vjp(
@@ -305,9 +341,9 @@ def _generic_vjp(
 
     def call(vals: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         out = block._fn(*vals[:n_data], *state.merge_params(vals[n_data:n_pos]))
-        return (out,) if isinstance(out, torch.Tensor) else tuple(out)
+        return (out,) if isinstance(out, torch.Tensor) else tuple([*out])  # a tuple of its own
 
-    _, pull = block_vjp(state, block._sections[0], call, values, diff, n_pos, whole=True)
+    _, pull = block_vjp(state, block._sections[0], call, values, diff, n_pos, whole=True, values_read=False)
     for i, g in zip(diff, pull(grads)):
         result[i] = g
     return result

@@ -49,6 +49,7 @@ from torch import nn
 
 from ._call import invertible_call
 from ._chain import chain
+from ._core import Invertible, invertible
 from ._coupling import couple
 
 __all__ = [
@@ -73,6 +74,7 @@ CONFIGS = (
     "invfunc-per-block",
     "invfunc-input-kept",
     "invfunc-per-block-pairs",
+    "invfunc-generic",
 )
 
 _MiB = 1024.0 * 1024.0
@@ -336,7 +338,10 @@ def coupled_model(
             ``"invfunc-per-block"`` (one call per block, the first with ``free=``),
             ``"invfunc-input-kept"`` (one call, the input batch kept: the default) or
             ``"invfunc-per-block-pairs"`` (one call per block on the pair of halves: the
-            batch split into two views, kept, and the output halves joined at the end).
+            batch split into two views, kept, and the output halves joined at the end) or
+            ``"invfunc-generic"`` (as ``"invfunc"``, each block written as a generic
+            :func:`invfunc.invertible` with its inverse, as a user writes a block that
+            :func:`invfunc.couple` does not cover: the engine's general backward).
         pairs: the ``(F, G)`` of each block, in order.
         dim: the dimension the input is split along.
 
@@ -363,9 +368,11 @@ def coupled_model(
 
         return checkpointed
     blocks = [couple(F, G, dim=dim) for F, G in pairs]
-    if config in ("invfunc", "invfunc-input-kept"):
+    if config == "invfunc-generic":
+        blocks = [_generic_coupling(F, G, dim) for F, G in pairs]
+    if config in ("invfunc", "invfunc-input-kept", "invfunc-generic"):
         net = chain(*blocks)
-        free = [0] if config == "invfunc" else []
+        free = [] if config == "invfunc-input-kept" else [0]
         return lambda x: invertible_call(net, x, free=free)  # type: ignore[no-any-return]
     if config == "invfunc-per-block":
 
@@ -385,6 +392,22 @@ def coupled_model(
 
         return per_block_pairs
     raise ValueError(f"coupled_model({config!r}, ...): unknown config; expected one of {', '.join(CONFIGS)}.")
+
+
+def _generic_coupling(F: nn.Module, G: nn.Module, dim: int) -> Invertible:
+    """The additive coupling written by hand as a generic invertible function."""
+
+    def coupling(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim)
+        y1 = x1 + F(x2)
+        return torch.cat([y1, x2 + G(y1)], dim)
+
+    def uncoupling(y: torch.Tensor) -> torch.Tensor:
+        y1, y2 = y.chunk(2, dim)
+        x2 = y2 - G(y1)
+        return torch.cat([y1 - F(x2), x2], dim)
+
+    return invertible(coupling, inverse=uncoupling)
 
 
 def mlp_pairs(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from ._compat import is_view, is_zero_tensor, storage_key, tensor_use_count
 from ._state import _is_wrapped
 from ._storage import _use_count
 
-__all__ = ["REUSE_MIN_BYTES", "owned"]
+__all__ = ["REUSE_MIN_BYTES", "movable", "owned"]
 
 
 def _refs(grads: tuple[torch.Tensor, ...]) -> list[int]:
@@ -79,6 +80,27 @@ def owned(t: torch.Tensor, like: torch.Tensor, refs: int) -> bool:
     Float addition commutes, so ``f.add_(x1)`` holds the bits ``x1 + f`` would have;
     only the fresh memory is saved."""
     return refs == _OWNED_REFS and t.dtype == like.dtype and t.device == like.device and _plain_buffer(t)
+
+
+def movable(seq: list[torch.Tensor], i: int) -> bool:
+    """True when ``seq[i]``, a result of the user's inverse, is held by ``seq`` alone and
+    alone on its dense storage, so that its memory may be moved into the storage it
+    refills (NOTE [Rebuilt inputs moved, not copied]). The same tensor facts as
+    :func:`owned`, and no Python reference but the list's (a cache in the user's inverse
+    adds one; the count is measured at import, :data:`_MOVABLE_REFS`)."""
+    return _refs_in(seq, i) == _MOVABLE_REFS and _plain_buffer(seq[i])
+
+
+def _refs_in(seq: Sequence[torch.Tensor], i: int) -> int:
+    return sys.getrefcount(seq[i])
+
+
+def _probe_movable_refs() -> int:
+    seq = [torch.empty(1)]
+    return _refs_in(seq, 0)
+
+
+_MOVABLE_REFS = _probe_movable_refs()
 
 
 #: The smallest tensor (bytes) worth writing into memory that is already there rather

@@ -227,6 +227,22 @@ class StorageHandle:
         afterwards to finish, as after a write through :meth:`view`."""
         swap_memory(self.storage, other.storage)
 
+    def fits(self, t: torch.Tensor) -> bool:
+        """Whether ``t``'s whole storage could be this freed one: same bytes and layout."""
+        return (
+            t.untyped_storage().nbytes() == self.nbytes
+            and t.storage_offset() == 0
+            and t.size() == self.size
+            and t.stride() == self.stride
+            and t.dtype == self.dtype
+            and t.device == self.storage.device
+        )
+
+    def adopt_memory(self, t: torch.Tensor) -> None:
+        """Move the memory of ``t`` (which :meth:`fits`, and nobody else holds) into this
+        freed storage; ``t`` is left on freed memory. Call :meth:`refill` afterwards."""
+        swap_memory(self.storage, t.untyped_storage())
+
     def refill(self, value: torch.Tensor | None = None) -> None:
         """Write ``value`` back into the storage (or finish a write made through :meth:`view`)."""
         if value is not None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from . import _compat
+from ._reuse import _MOVABLE_REFS, _refs_in
 from ._state import BlockState, _is_wrapped, _replay_region
 from ._storage import _use_count
 
@@ -34,6 +36,7 @@ def block_vjp(
     captured_slots: Sequence[int] | None = None,
     *,
     whole: bool = False,
+    values_read: bool = True,
 ) -> tuple[tuple[torch.Tensor, ...], Callable[[Sequence[torch.Tensor]], list[torch.Tensor | None]]]:
     """Run ``call(values)`` and return its outputs and a pullback over ``values[i] for i in diff``.
 
@@ -42,7 +45,9 @@ def block_vjp(
     indices in ``state.captured``; default all, in order). ``call`` runs ``section``, or
     the whole block if ``whole``: it makes the forward's discrete choices again (NOTE
     [Discrete choices]) and its outputs are compared with the forward's checksums (NOTE
-    [Recompute divergence]).
+    [Recompute divergence]). With ``values_read=False`` the caller needs only the
+    pullback: outputs that nothing in the recompute's graph saved are freed at once
+    (their storages left empty) instead of living until the pullback ran.
 
     NOTE [Two ways to a VJP]: when backward builds no graph and no ``torch.func``
     transform is active, the block is re-run under ``enable_grad`` and differentiated
@@ -76,6 +81,9 @@ def block_vjp(
             outs = call(vals)
         if state.checksums is not None:
             _check(state, section, whole, outs)
+        if not values_read and not _compat.saved_tensors_hooks_active():
+            for i in range(len(outs)):
+                _drop_unsaved(outs, i)
         n_wrt = len(diff)
         live = [i for i, o in enumerate(outs) if o.requires_grad]
         # single use: the pullback lets go of the graph and the outputs as soon as it ran
@@ -117,6 +125,29 @@ def _check(state: BlockState, section: str, whole: bool, outs: Sequence[torch.Te
     outputs, or the whole block's when it is one section."""
     if not whole or len(state.block._sections) == 1:
         state.check_recompute(section, outs)
+
+
+def _drop_unsaved(outs: Sequence[torch.Tensor], i: int) -> None:
+    """Free the storage of the recomputed output ``outs[i]`` if nothing can read it: no
+    node of the graph saved it (a node that saved it as an input holds its TensorImpl; one
+    that saved it as its result, an alias of its storage), no Python reference but
+    ``outs``'s (a forward hook or a cache in the user's function that kept it adds one),
+    no weak reference, no view, its storage its own. The graph needs only its metadata
+    to start the pullback. ``outs`` must be a tuple of the caller's own."""
+    if _refs_in(outs, i) != _MOVABLE_REFS:
+        return
+    out = outs[i]
+    if type(out) is not torch.Tensor or out.layout != torch.strided or out.is_nested or out.is_meta:
+        return
+    storage = out.untyped_storage()
+    if (
+        _compat.tensor_use_count(out) == 1
+        and weakref.getweakrefcount(out) == 0
+        and _compat.base_of(out) is None
+        and _use_count(_compat.storage_key(storage)) == 2  # out, and ``storage`` itself
+        and storage.nbytes() == out.numel() * out.element_size()
+    ):
+        storage.resize_(0)
 
 
 def drop_if_unread(out: torch.Tensor) -> None:
