@@ -110,6 +110,13 @@ def chain(*fns: Invertible) -> Invertible:
     :func:`invfunc.invertible_call` each block is its own autograd node: its input is
     freed after the forward and rebuilt in backward, so memory does not grow with depth.
 
+    Arguments after the chain's data (its first block's data inputs) are handed, all of
+    them, to every block that takes arguments after its data: a block whose signature
+    has them (``f(x, w)``), or a coupling declared with ``n_inputs=``. So one chain of
+    graph or masked-attention layers takes the graph or the mask at every call. Blocks
+    that take none (``f(x)``, a coupling without ``n_inputs``) get none; a block that
+    takes another number is an error (bind its own parameters with ``functools.partial``).
+
     Args:
         *fns: one or more :class:`Invertible` (from :func:`invertible`,
             :func:`couple` or :func:`chain`).
@@ -125,6 +132,15 @@ def chain(*fns: Invertible) -> Invertible:
         tensor([1.])
         >>> len(inv.chain(f, f).blocks)               # nested chains flatten
         4
+
+        The mask goes to both masked blocks, not to ``add1``:
+
+        >>> masked = inv.invertible(lambda x, m: x + m, inverse=lambda y, m: y - m)
+        >>> g = inv.chain(masked, add1, masked)
+        >>> g(torch.tensor([1.0]), torch.tensor([10.0]))
+        tensor([22.])
+        >>> g.inverse(torch.tensor([22.0]), torch.tensor([10.0]))
+        tensor([1.])
     """
     if not fns:
         raise TypeError("invfunc.chain(*fns): expected at least one Invertible, got none.")

@@ -117,7 +117,7 @@ class _Arity:
         if len(args) == 1:
             return 1
         raise TypeError(
-            f"invfunc.invertible_call({name}, ...): cannot tell how many of its {len(args)} arguments "
+            f"invfunc: {name} called with {len(args)} arguments: cannot tell how many of them "
             "are outputs to invert and how many are parameters: the function's signature does not "
             "say, and it has not been called yet. Declare invertible(..., n_outputs=k) with the number "
             "of tensors the function returns."
@@ -244,9 +244,14 @@ class Invertible:
                 want = f"{lo}" if lo == hi else f"{lo} to {hi}"
                 data = self.n_inputs
                 split = f" ({data} data, the rest parameters)" if data is not None else ""
+                where = (
+                    f"invfunc.invertible_call({self._name}, ...)"
+                    if what == "invertible_call"
+                    else (f"invfunc: {self._name}(...)")
+                )
                 raise TypeError(
-                    f"invfunc.invertible_call({self._name}, ...): {self._name} takes {want} positional "
-                    f"arguments{split} but {what} gave {len(args)}."
+                    f"{where}: {self._name} takes {want} positional arguments{split}, "
+                    f"but was given {len(args)}."
                 )
 
     def _n_data(self, args: Sequence[Any]) -> int:
