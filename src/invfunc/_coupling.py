@@ -132,13 +132,22 @@ class Coupling(Invertible):
         return x.narrow(d, 0, h), x.narrow(d, h, h2), d
 
     def _plain(self, *args: Any) -> Any:
+        return self._on_halves(args, "the input", self._coupled)
+
+    def _plain_inverse(self, *args: Any) -> Any:
+        return self._on_halves(args, "the output", self._uncoupled)
+
+    def _on_halves(
+        self, args: Sequence[Any], what: str, op: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    ) -> Any:
+        """``op`` on the halves of one tensor (joined again) or on a pair, with the
+        per-call arguments after the data."""
         n = self.data_count(args)
         rest = args[n:]
         if n == 1:
-            x1, x2, d = self._split(args[0], "the input")
-            y1, y2 = self._coupled(x1, x2, rest)
-            return torch.cat([y1, y2], d)
-        return self._coupled(args[0], args[1], rest)
+            a, b, d = self._split(args[0], what)
+            return torch.cat(op(a, b, rest), d)
+        return op(args[0], args[1], rest)
 
     def _coupled(
         self, x1: torch.Tensor, x2: torch.Tensor, rest: Sequence[Any]
@@ -162,15 +171,6 @@ class Coupling(Invertible):
                 f"{tuple(like)} (y1 = x1 + F(x2), y2 = x2 + G(y1))."
             )
         return out
-
-    def _plain_inverse(self, *args: Any) -> Any:
-        n = self.data_count(args)
-        rest = args[n:]
-        if n == 1:
-            y1, y2, d = self._split(args[0], "the output")
-            x1, x2 = self._uncoupled(y1, y2, rest)
-            return torch.cat([x1, x2], d)
-        return self._uncoupled(args[0], args[1], rest)
 
     def _uncoupled(
         self, y1: torch.Tensor, y2: torch.Tensor, rest: Sequence[Any]
