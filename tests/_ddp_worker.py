@@ -24,7 +24,8 @@ H, B, STEPS, MICRO = 4, 6, 5, 3
 KINDS = ["one call", "same block twice", "dynamic"]
 # ... and kinds where every parameter gets a gradient every step, run under DDP's defaults too.
 # "no_sync": MICRO micro-batches a step, all but the last under ``DDP.no_sync()``.
-ALL_USED = ["all used", "two calls", "shared weights", "no_sync"]
+# "as_module": the chain run through inv.as_module (its forward), inside the DDP model.
+ALL_USED = ["all used", "two calls", "shared weights", "no_sync", "as_module"]
 
 
 class Model(torch.nn.Module):
@@ -41,11 +42,15 @@ class Model(torch.nn.Module):
         if kind in KINDS:
             self.unused = torch.nn.Linear(H, H).double()
         self.blocks = [inv.couple(f, g) for f, g in zip(self.F, self.G)]
+        if kind == "as_module":
+            self.net = inv.as_module(inv.chain(*self.blocks))  # the same modules, registered again
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
         h = x * 1
         if self.kind in ("one call", "all used", "shared weights", "no_sync"):
             h = inv.invertible_call(inv.chain(*self.blocks), h)
+        elif self.kind == "as_module":
+            h = self.net(h)
         elif self.kind == "same block twice":
             h = inv.invertible_call(inv.chain(self.blocks[0], self.blocks[0], self.blocks[1]), h)
         elif self.kind == "two calls":  # block 0's parameters reach two autograd nodes

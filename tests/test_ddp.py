@@ -85,3 +85,9 @@ def test_ddp_no_sync_gradient_accumulation(ddp_lines: dict[str, str]) -> None:
     # 2 micro-batches under no_sync(), then one synchronised backward, for 5 steps; DDP itself
     # cannot run no_sync() with static_graph=True (see _ddp_worker.runs)
     _check(ddp_lines, _names("no_sync", lambda s: "static_graph" not in s))
+
+
+@pytest.mark.slow
+def test_ddp_through_as_module(ddp_lines: dict[str, str]) -> None:
+    # the chain is called through inv.as_module, whose modules the DDP model also holds
+    _check(ddp_lines, _names("as_module"))

@@ -12,6 +12,7 @@ from ._coupling import couple
 from ._errors import FreedTensorError, InvertibilityWarning, InvfuncError
 from ._explain import explain
 from ._modes import MODES, current_mode, mode
+from ._module import InvertibleModule, as_module
 from ._verify import verify
 
 __all__ = [
@@ -19,7 +20,9 @@ __all__ = [
     "FreedTensorError",
     "InvertibilityWarning",
     "Invertible",
+    "InvertibleModule",
     "InvfuncError",
+    "as_module",
     "chain",
     "couple",
     "current_mode",

@@ -20,18 +20,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import sys
-import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from .._call import invertible_call
-from .._chain import Chain
 from .._core import Invertible, _name
-from .._coupling import Coupling
 from .._modes import check_mode, current_mode
+from .._walk import walk
 
 __all__ = ["check_grads", "check_inverse", "default_rtol", "find_parameters"]
 
@@ -273,9 +270,6 @@ def _compare_all(
 
 # -- finding the tensors a function reads --------------------------------------------------
 
-_MAX_DEPTH = 12
-_LIBRARIES = {"torch", "invfunc", "hypothesis", "numpy", "functools", "builtins"}
-
 
 def find_parameters(fn: Callable[..., Any]) -> list[tuple[str, torch.Tensor]]:
     """The tensors requiring grad that ``fn`` reaches through its structure, with their names.
@@ -300,92 +294,15 @@ def find_parameters(fn: Callable[..., Any]) -> list[tuple[str, torch.Tensor]]:
         >>> [name for name, _ in find_parameters(net)]
         ['fn.blocks[0].F.weight', 'fn.blocks[0].F.bias', 'fn.blocks[1].w']
     """
-    found: dict[int, tuple[str, torch.Tensor]] = {}
+    found: list[tuple[str, torch.Tensor]] = []
     seen: set[int] = set()
-
-    def visit(obj: object, path: str, depth: int) -> None:
-        if isinstance(obj, torch.Tensor):
-            if obj.requires_grad and id(obj) not in found:
-                found[id(obj)] = (path, obj)
-            return
-        if (
-            depth > _MAX_DEPTH
-            or id(obj) in seen
-            or obj is None
-            or isinstance(obj, (str, bytes, int, float, type))
-        ):
-            return
-        if isinstance(obj, types.ModuleType):
-            return
-        seen.add(id(obj))
-        d = depth + 1
-        if isinstance(obj, torch.nn.Module):
-            for n, p in obj.named_parameters():
-                visit(p, f"{path}.{n}", d)
-            for n, m in obj.named_modules():
-                for k, v in vars(m).items():  # callables stored on modules (rare)
-                    if not k.startswith("_") and isinstance(v, (types.FunctionType, functools.partial)):
-                        visit(v, f"{path}.{n}.{k}" if n else f"{path}.{k}", d)
-        elif isinstance(obj, Chain):
-            for i, b in enumerate(obj.blocks):
-                visit(b, f"{path}.blocks[{i}]", d)
-        elif isinstance(obj, Coupling):
-            visit(obj.F, f"{path}.F", d)
-            visit(obj.G, f"{path}.G", d)
-        elif isinstance(obj, Invertible):
-            visit(obj._fn, path, d)
-        elif isinstance(obj, types.MethodType):
-            visit(obj.__self__, path, d)
-            visit(obj.__func__, path, d)
-        elif isinstance(obj, functools.partial):
-            visit(obj.func, path, d)
-            for i, a in enumerate(obj.args):
-                visit(a, f"{path}.args[{i}]", d)
-            for k, v in obj.keywords.items():
-                visit(v, f"{path}.{k}", d)
-        elif isinstance(obj, types.FunctionType):
-            for name, cell in zip(obj.__code__.co_freevars, obj.__closure__ or ()):
-                try:
-                    value = cell.cell_contents
-                except ValueError:  # an empty cell
-                    continue
-                visit(value, f"{path}.{name}", d)
-            for name in () if _library_function(obj) else _global_names(obj.__code__):
-                if name in obj.__globals__:
-                    visit(obj.__globals__[name], f"{path}.{name}", d)
-            for i, v in enumerate(obj.__defaults__ or ()):
-                visit(v, f"{path}.__defaults__[{i}]", d)
-            for k, v in (obj.__kwdefaults__ or {}).items():
-                visit(v, f"{path}.{k}", d)
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                visit(v, f"{path}[{i}]", d)
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                visit(v, f"{path}[{k!r}]", d)
-        elif callable(obj) and hasattr(obj, "__dict__") and not isinstance(obj, types.BuiltinFunctionType):
-            for k, v in vars(obj).items():
-                visit(v, f"{path}.{k}", d)
-
-    visit(fn, "fn", 0)
-    return list(found.values())
-
-
-def _library_function(fn: types.FunctionType) -> bool:
-    """True for a function of torch, invfunc itself and the like: its globals are not walked."""
-    module = sys.modules.get(fn.__module__ or "")
-    return (fn.__module__ or "").split(".")[0] in _LIBRARIES and getattr(
-        module, "__dict__", None
-    ) is fn.__globals__
-
-
-def _global_names(code: types.CodeType) -> list[str]:
-    """Names a code object (and the functions defined in it) may read as globals."""
-    names = list(code.co_names)
-    for c in code.co_consts:
-        if isinstance(c, types.CodeType):
-            names.extend(_global_names(c))
-    return names
+    for path, obj, _ in walk(fn):
+        tensors = obj.named_parameters() if isinstance(obj, torch.nn.Module) else [("", obj)]
+        for name, t in tensors:
+            if t.requires_grad and id(t) not in seen:
+                seen.add(id(t))
+                found.append((f"{path}.{name}" if name else path, t))
+    return found
 
 
 # -- gradients ------------------------------------------------------------------------------
