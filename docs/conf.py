@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -19,8 +20,21 @@ version = release
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
+    "sphinx.ext.intersphinx",
     "myst_parser",
 ]
+
+# Links into PyTorch's and Python's own documentation (torch.Tensor, nn.Module, ...).
+# Offline (INVFUNC_DOCS_OFFLINE=1, as on machines without internet) the inventories are
+# not fetched and such references stay plain text.
+intersphinx_mapping = (
+    {}
+    if os.environ.get("INVFUNC_DOCS_OFFLINE")
+    else {
+        "python": ("https://docs.python.org/3", None),
+        "torch": ("https://pytorch.org/docs/stable", None),
+    }
+)
 
 source_suffix = {".md": "markdown"}
 root_doc = "index"

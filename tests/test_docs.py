@@ -25,3 +25,18 @@ def test_page_examples_run(page: str) -> None:
         timeout=600,
     )
     assert done.returncode == 0, f"{page}:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+
+
+def test_readme_first_example_trains() -> None:
+    """The README's first example is a complete training loop whose loss goes down."""
+    readme = DOCS.parent / "README.md"
+    done = subprocess.run(
+        [sys.executable, str(DOCS / "check_examples.py"), str(readme)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    losses = [float(line.rsplit(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("step ")]
+    assert len(losses) == 5
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
