@@ -335,7 +335,7 @@ def _fill_state(
                 rng[name].user = list(gens.values())
     first = rng.get(block._sections[0])
     state.rng = None if first is None or all(r.unchanged() for r in rng.values()) else rng
-    state.n_out = len(outs)
+    state.n_out = len(outs) - (block._ladj is True)  # the log-det is not saved (NOTE [Log-determinants])
     state.n_data = len(data)
     state.param_template = [_TENSOR_SLOT if isinstance(p, torch.Tensor) else p for p in params]
     state.n_explicit = sum(isinstance(p, torch.Tensor) for p in params)

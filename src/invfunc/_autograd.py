@@ -116,10 +116,11 @@ class _BlockFunction(torch.autograd.Function):
         state: BlockState = inputs[0]
         tensors = inputs[1:]
         params = tensors[state.n_data :]
+        outs = output[: state.n_out]  # the data outputs: a log-det is not needed to rebuild
         if state.kept:
-            ctx.save_for_backward(*output, *params, *tensors[: state.n_data])
+            ctx.save_for_backward(*outs, *params, *tensors[: state.n_data])
         else:
-            ctx.save_for_backward(*output, *params)
+            ctx.save_for_backward(*outs, *params)
         ctx.state = state
         state.ctx_ref = weakref.ref(ctx)
         nondiff = [o for o in output if not (o.is_floating_point() or o.is_complex())]

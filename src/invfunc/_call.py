@@ -10,7 +10,8 @@ import torch
 
 from . import _compat
 from ._apply import apply_block, free_call_inputs, report_kept
-from ._core import Invertible, _name
+from ._chain import with_ladj
+from ._core import Invertible, _name, split_ladj
 from ._errors import InvertibilityWarning
 from ._explain import _reports
 from ._halves import _Halves, pairs_inside
@@ -172,6 +173,7 @@ def _call(
     blocks, extras = pairs_inside(blocks, extras, out)
     single = False
     state = first = None
+    total: torch.Tensor | None = None
     labels = _labels(blocks)
     # NOTE [Outputs in the memory of the input they replace]: inputs freed right after
     # their block (the caller's, in a call of one block; those between blocks) may lend
@@ -199,11 +201,15 @@ def _call(
             first = state  # the block that received the caller's inputs
         if single:
             out = out[0]
+        elif block._ladj is True:  # NOTE [Log-determinants], rule 3: summed here
+            out, ladj = split_ladj(out)
+            single = isinstance(out, torch.Tensor)
+            total = ladj if total is None else total + ladj
     if run_mode == "invertible" and first is not None:
         free_call_inputs(first, args, keep_input, free_leaf)  # inputs are the leading arguments
     elif run_mode == asked:  # (a call kept whole for a reason of its own reported it already)
         report_kept(labels[0], args[: fn._n_data(args)], run_mode, keep_input, free_leaf)
-    return out
+    return with_ladj(out, total) if fn._ladj is True else out
 
 
 _HALF = (torch.float16, torch.bfloat16)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ._core import Invertible, _name
+import torch
+
+from ._core import Invertible, _name, split_ladj
 
 __all__ = ["Chain", "chain"]
 
@@ -39,6 +41,7 @@ class Chain(Invertible):
         names = ", ".join(b._name for b in self.blocks)
         super().__init__(self._forward, self._inverse_fn, name=f"chain({names})", wraps=False)
         self._arity = None
+        self._ladj = _chain_ladj(self._name, self._flatten())
 
     @property
     def n_inputs(self) -> int | None:
@@ -79,9 +82,13 @@ class Chain(Invertible):
     def _forward(self, *args: Any) -> Any:
         blocks, data, extras = self._plan(args)
         out: Any = data
+        total = None
         for b, extra in zip(blocks, extras):
             out = b(*out, *extra) if isinstance(out, tuple) else b(out, *extra)
-        return out
+            if b._ladj is True:  # NOTE [Log-determinants], rule 2
+                out, ladj = split_ladj(out)
+                total = ladj if total is None else total + ladj
+        return with_ladj(out, total) if self._ladj is True else out
 
     def _inverse_fn(self, *args: Any) -> Any:
         return self.inverse(*args)
@@ -100,6 +107,25 @@ class Chain(Invertible):
 
     def _n_data(self, args: Sequence[Any]) -> int:
         return self._data_count(self._flatten(), args)
+
+
+def _chain_ladj(name: str, blocks: Sequence[Invertible]) -> bool | int | None:
+    """A chain's log-det (NOTE [Log-determinants], rule 2)."""
+    if not any(b._ladj is True for b in blocks):
+        return 0 if all(b._ladj is not None and b._ladj is not True for b in blocks) else None
+    unknown = [b._name for b in blocks if b._ladj is None]
+    if unknown:
+        raise TypeError(
+            f"invfunc.{name}: the log-det of {', '.join(unknown)} is unknown, and the chain has members "
+            "with a log-det to sum. Declare invfunc.invertible(..., ladj=True) for a function that returns "
+            "(y, ladj), or ladj=0 for one that preserves volume (a permutation, an additive map)."
+        )
+    return True
+
+
+def with_ladj(out: Any, ladj: torch.Tensor | None) -> tuple[Any, ...]:
+    """The data followed by the log-det (zero when no member made one: never here)."""
+    return (*out, ladj) if isinstance(out, tuple) else (out, ladj)
 
 
 def chain(*fns: Invertible) -> Invertible:

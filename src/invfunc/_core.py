@@ -135,6 +135,62 @@ def _count(out: Any) -> int:
     return len(out) if isinstance(out, tuple) else 1
 
 
+# NOTE [Log-determinants]
+#
+# 1. A function declared ``ladj=True`` returns its data outputs followed by ``ladj``, the
+#    log|det| of its Jacobian per sample, of shape (batch,); its inverse returns the data
+#    inputs followed by the inverse map's log-det. ``ladj=0`` declares a volume-preserving
+#    function (log-det zero, returns its data alone), as couplings and the split and join
+#    blocks are; left out (None), the log-det is unknown.
+# 2. A chain has a log-det when a member declares one: it returns its data followed by
+#    the sum of its members' log-dets (in block order), in both directions. A member
+#    whose log-det is unknown, in such a chain, is refused when the chain is made.
+# 3. To the engine the log-det is one more output of the block's Function: its gradient
+#    reaches the block's backward with the data outputs' gradients, and the generic
+#    backward differentiates the re-run block, log-det included. It is not saved (the
+#    rebuild needs only the data outputs) and is not the next block's input: the caller
+#    adds the blocks' log-dets (tensors of batch size, one sum node each), so memory
+#    stays flat in depth. The rebuild drops the inverse's own log-det.
+LADJ_VALUES = (True, 0, None)
+
+
+def _check_ladj_option(ladj: object, name: str) -> bool | int | None:
+    if ladj is False or not any(
+        ladj is v or (v == 0 and type(ladj) is int and ladj == 0) for v in LADJ_VALUES
+    ):
+        raise ValueError(
+            f"invfunc.invertible({name}, ladj=...): ladj must be True (the function returns (y, ladj), "
+            f"ladj = log|det dy/dx| per sample), 0 (it preserves volume: log-det zero) or left out "
+            f"(unknown), got {ladj!r}."
+        )
+    return ladj  # type: ignore[return-value]
+
+
+def split_ladj(out: Any) -> tuple[Any, torch.Tensor]:
+    """``(data, ladj)`` of what a ``ladj=True`` function returned: the data one tensor or a
+    tuple (NOTE [Log-determinants])."""
+    *data, ladj = out
+    return (data[0] if len(data) == 1 else tuple(data)), ladj
+
+
+def check_ladj(name: str, out: Any) -> None:
+    """``out`` is data followed by a log-det of shape (batch,), as ``ladj=True`` promises."""
+    if not isinstance(out, tuple) or len(out) < 2 or not all(isinstance(t, torch.Tensor) for t in out):
+        got = f"a tuple of {len(out)}" if isinstance(out, tuple) else f"a {type(out).__name__}"
+        raise TypeError(
+            f"invfunc: {name} was declared with ladj=True, so it must return its outputs followed by "
+            f"their log-det, (y, ladj), but it returned {got}."
+        )
+    y, ladj = out[0], out[-1]
+    batch = y.shape[:1]
+    if ladj.shape != batch or not ladj.is_floating_point():
+        raise ValueError(
+            f"invfunc: {name} returned a log-det of shape {tuple(ladj.shape)} and dtype {ladj.dtype}; "
+            f"with ladj=True it must be log|det dy/dx| per sample: a floating tensor of shape "
+            f"{tuple(batch)} (the batch), summed over the other dimensions."
+        )
+
+
 class Invertible:
     """A function paired with its inverse.
 
@@ -170,6 +226,7 @@ class Invertible:
         *,
         n_inputs: int = 1,
         n_outputs: int | None = None,
+        ladj: bool | int | None = None,
         name: str | None = None,
         wraps: bool = True,
         _counts: _Arity | None = None,
@@ -193,6 +250,7 @@ class Invertible:
         self._fn = fn
         self._inv = inverse
         self._name = name or _name(fn)
+        self._ladj = _check_ladj_option(ladj, self._name)
         self._arity = _arity(fn)
         # shared with the inverse, which reads it the other way round
         self._is_inverse = False
@@ -206,6 +264,8 @@ class Invertible:
         self._check_arity(args, "call")
         n_data = self._n_data(args)  # (a count that cannot be told raises before the call)
         out = self._fn(*args)
+        if self._ladj is True:
+            check_ladj(self._name, out)
         self._learn(args, out, n_data)
         return out
 
@@ -224,7 +284,9 @@ class Invertible:
         """The inverse, itself an :class:`Invertible` whose inverse is ``self``: it takes the
         function's outputs and the same trailing parameters."""
         if self._inverse is None:
-            inv = Invertible(self._inv, self._fn, name=f"inverse({self._name})", _counts=self._counts)
+            inv = Invertible(
+                self._inv, self._fn, name=f"inverse({self._name})", ladj=self._ladj, _counts=self._counts
+            )
             inv._is_inverse = not self._is_inverse
             inv._inverse = self
             self._inverse = inv
@@ -266,7 +328,7 @@ class Invertible:
         counts = self._counts
         if counts.n_out is None or counts.n_params is None:
             n = self._n_data(args) if n_data is None else n_data
-            counts.learn(len(args) - n, n if self._is_inverse else _count(out))
+            counts.learn(len(args) - n, n if self._is_inverse else _count(out) - (self._ladj is True))
 
     def _plan(self, args: Sequence[Any]) -> tuple[list[Invertible], tuple[Any, ...], list[tuple[Any, ...]]]:
         """The blocks to run, the first block's data, and the arguments each block takes
@@ -299,6 +361,8 @@ class Invertible:
     def _run(self, args: Sequence[Any], section: Any) -> Any:
         """The forward, run once under no_grad while the engine records (see _apply.py)."""
         out = self._fn(*args)
+        if self._ladj is True:
+            check_ladj(self._name, out)
         self._learn(args, out)
         return out
 
@@ -315,17 +379,31 @@ class Invertible:
         return []
 
     def _rebuild(self, outputs: Sequence[torch.Tensor], params: Sequence[Any]) -> Any:
-        """The inputs, rebuilt from the outputs by the inverse."""
-        return self._inv(*outputs, *params)
+        """The inputs, rebuilt from the (data) outputs by the inverse; the inverse's own
+        log-det is not needed (NOTE [Log-determinants])."""
+        out = self._inv(*outputs, *params)
+        return split_ladj(out)[0] if self._ladj is True else out
 
 
 @overload
 def invertible(
-    fn: _F, /, *, inverse: Callable[..., Any], n_inputs: int = 1, n_outputs: int | None = None
+    fn: _F,
+    /,
+    *,
+    inverse: Callable[..., Any],
+    n_inputs: int = 1,
+    n_outputs: int | None = None,
+    ladj: bool | int | None = None,
 ) -> Invertible: ...
 @overload
 def invertible(
-    fn: None = None, /, *, inverse: Callable[..., Any], n_inputs: int = 1, n_outputs: int | None = None
+    fn: None = None,
+    /,
+    *,
+    inverse: Callable[..., Any],
+    n_inputs: int = 1,
+    n_outputs: int | None = None,
+    ladj: bool | int | None = None,
 ) -> Callable[[Callable[..., Any]], Invertible]: ...
 def invertible(
     fn: Callable[..., Any] | None = None,
@@ -334,6 +412,7 @@ def invertible(
     inverse: Callable[..., Any],
     n_inputs: int = 1,
     n_outputs: int | None = None,
+    ladj: bool | int | None = None,
 ) -> Invertible | Callable[[Callable[..., Any]], Invertible]:
     """Pair a pure function with its inverse.
 
@@ -351,6 +430,11 @@ def invertible(
         n_outputs: how many data tensors ``fn`` returns, which its inverse takes before
             the parameters. Needed only when neither signature says it (``*args``) and
             the inverse is called before ``fn`` (NOTE [Data and parameters]).
+        ladj: ``True``: ``fn`` returns its outputs followed by ``ladj``, log|det dy/dx|
+            per sample (shape ``(batch,)``), and ``inverse`` its inputs followed by the
+            inverse map's log-det; a :func:`invfunc.chain` of such functions sums them.
+            ``0``: the function preserves volume (log-det zero; it returns its outputs
+            alone). Left out: unknown, which a chain with log-dets refuses.
 
     Returns:
         An :class:`Invertible`. Calling it is a plain call; pass it to
@@ -385,10 +469,19 @@ def invertible(
         (2, 2)
         >>> split.inverse(*split(torch.arange(3.0)))
         tensor([0., 1., 2.])
+
+        A log-det is declared, and returned after the outputs:
+
+        >>> @inv.invertible(inverse=lambda y, s: (y * (-s).exp(), -s.sum().expand(len(y))), ladj=True)
+        ... def scale(x, s):
+        ...     return x * s.exp(), s.sum().expand(len(x))
+        >>> y, ladj = scale(torch.ones(2, 3), torch.full((3,), 0.5))
+        >>> ladj
+        tensor([1.5000, 1.5000])
     """
 
     def wrap(f: Callable[..., Any]) -> Invertible:
-        return Invertible(f, inverse, n_inputs=n_inputs, n_outputs=n_outputs)
+        return Invertible(f, inverse, n_inputs=n_inputs, n_outputs=n_outputs, ladj=ladj)
 
     if fn is None:
         return wrap

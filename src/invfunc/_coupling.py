@@ -49,7 +49,9 @@ class Coupling(Invertible):
         self.dim = dim
         self.n_in = n_inputs  # None: one tensor or a pair, as called, and nothing else
         name = f"couple({_name(F)}, {_name(G)})" if G is not None else f"couple({_name(F)})"
-        super().__init__(self._plain, self._plain_inverse, n_inputs=n_inputs or 1, name=name, wraps=False)
+        super().__init__(
+            self._plain, self._plain_inverse, n_inputs=n_inputs or 1, ladj=0, name=name, wraps=False
+        )
         self._arity = None
         self._as_pairs: Coupling | None = None
 
@@ -437,7 +439,7 @@ class _Variadic(Invertible):
     """The inverse of a coupling: its data and per-call arguments as the coupling's."""
 
     def __init__(self, fn: Callable[..., Any], inverse: Callable[..., Any], name: str, of: Coupling) -> None:
-        super().__init__(fn, inverse, n_inputs=of.n_in or 1, name=name, wraps=False)
+        super().__init__(fn, inverse, n_inputs=of.n_in or 1, ladj=0, name=name, wraps=False)
         self._arity = None
         self._of = of
 

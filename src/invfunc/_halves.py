@@ -38,6 +38,7 @@ class _Halves(Invertible):
             cat if join else split,
             split if join else cat,
             n_inputs=2 if join else 1,
+            ladj=0,
             name="join halves" if join else "split halves",
             wraps=False,
         )
