@@ -170,7 +170,12 @@ def _call(
 
     autocast = AutocastState()
     blocks, out, extras = fn._plan(args)
-    blocks, extras = pairs_inside(blocks, extras, out)
+    if not any(
+        free_leaf(i, a) and not a.requires_grad for i, a in enumerate(out) if isinstance(a, torch.Tensor)
+    ):
+        # (a split block first would read nothing that requires grad: a plain call, which
+        # could not rebuild a batch named in free=; the couplings then take it themselves)
+        blocks, extras = pairs_inside(blocks, extras, out)
     single = False
     state = first = None
     total: torch.Tensor | None = None
