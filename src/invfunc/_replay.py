@@ -100,6 +100,7 @@ class Tracer(TorchFunctionMode):
         self.changed = 0
         self.on_mismatch: Callable[[str], None] | None = None
         self.on_done: Callable[[int], None] | None = None
+        self.paused = False  # NOTE [One-time work inside a block]
         self.unreplayable = False
 
     # -- recording ----------------------------------------------------------------
@@ -170,7 +171,12 @@ class Tracer(TorchFunctionMode):
         self.on_mismatch = on_mismatch
         self.on_done = on_done
 
+    def __enter__(self) -> Tracer:
+        _ACTIVE.stack.append(self)
+        return super().__enter__()  # type: ignore[no-untyped-call,no-any-return]
+
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        _ACTIVE.stack.pop()
         super().__exit__(exc_type, exc, tb)  # type: ignore[no-untyped-call]
         if exc_type is not None or self.on_mismatch is None:
             return
@@ -189,6 +195,8 @@ class Tracer(TorchFunctionMode):
     ) -> Any:
         if kwargs is None:
             kwargs = {}
+        if self.paused:
+            return func(*args, **kwargs)
         if self.recording:
             return self._record(func, args, kwargs)
         return self._replay(func, args, kwargs)
@@ -345,6 +353,37 @@ def _without_running_stats(
         elif k in kwargs:
             kwargs = {**kwargs, k: None}
     return args, kwargs
+
+
+class _Active(threading.local):
+    def __init__(self) -> None:
+        self.stack: list[Tracer] = []
+
+
+_ACTIVE = _Active()
+
+
+@contextlib.contextmanager
+def untraced() -> Iterator[None]:
+    """Run one-time work inside a block unrecorded.
+
+    NOTE [One-time work inside a block]: some work runs in a block's first forward only,
+    guarded by state it sets (an op's data-dependent initialisation: ActNorm sets its
+    scale from the first batch). The recompute in backward skips it, so its discrete
+    choices (a check that reads a value) would not be made again and would read as a
+    recompute that diverged, and its in-place writes as state updates to skip. Run under
+    ``untraced()``, the block's tracer (if any, in this thread) neither records nor
+    replays it; the work must finish before the block reads what it writes (the reads
+    are recorded after it). Outside a recorded block it does nothing."""
+    tracer = _ACTIVE.stack[-1] if _ACTIVE.stack else None
+    if tracer is None:
+        yield
+        return
+    old, tracer.paused = tracer.paused, True
+    try:
+        yield
+    finally:
+        tracer.paused = old
 
 
 _RNG_LOCK = threading.RLock()
