@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from ._compat import (
+    base_of,
     disable_torch_function_subclass,
     is_view,
     is_wrapped,
@@ -107,6 +108,48 @@ def is_freed(t: torch.Tensor) -> bool:
     )
 
 
+_KEEP = object()
+
+
+def _base_refs(t: torch.Tensor) -> int:
+    base = base_of(t)
+    return sys.getrefcount(base)
+
+
+# What _base_refs gives for a view whose base only the view holds, measured once.
+_BASE_REFS = _base_refs(torch.empty(2, 3).t())
+
+
+def _private_view(t: torch.Tensor) -> bool | object | None:
+    """For a view ``t``: None if it must be kept as a view; else whether its base's
+    producer saved the base (True) or not (False), or ``_KEEP`` if it saved it for a
+    backward a rebuilt value could change.
+
+    NOTE [Views nobody else reaches]: an op often returns a view of a fresh tensor
+    (``nn.Linear`` on a 3-D input returns a view of its 2-D result; ``movedim`` after a
+    matmul). Such a view is freed like any tensor when nothing but the view reaches its
+    base: no Python reference to the base but the one made here to look (the count is
+    measured at import, :data:`_BASE_REFS`), no other TensorImpl holding it (a sibling
+    view or a node that saved it as an input), and, checked by the caller, no other
+    tensor on the storage, which the view covers whole from offset 0. Views of a block's
+    output, or made by a block (of an input it returns), are left to the engine's rules
+    for boundaries: kept. Refilled through the view's own sizes and strides, the base
+    holds the rebuilt values too."""
+    if _base_refs(t) != _BASE_REFS or _made_by_a_block(t):
+        return None
+    base = base_of(t)
+    if base is None or tensor_use_count(base) != 2 or _made_by_a_block(base):  # (the view's and ``base``)
+        return None
+    saves = _producer_saves_result(base)
+    return _KEEP if saves is None else saves
+
+
+def _made_by_a_block(t: torch.Tensor) -> bool:
+    """An output of an invertible call's block (its boundaries, and the views it makes of
+    inputs it returns, are freed and refilled by the engine's own rules)."""
+    return getattr(type(t.grad_fn), "_invfunc_saves_outputs", False) is True
+
+
 def free_reason(t: torch.Tensor, *, leaf_ok: bool = False) -> str | None:
     """Why ``t`` must not be freed, or None if it may be (NOTE [Freeing rules]);
     ``leaf_ok``: the caller named this leaf in ``free=``."""
@@ -122,8 +165,22 @@ def free_reason(t: torch.Tensor, *, leaf_ok: bool = False) -> str | None:
         return f"its layout/device ({t.layout}, {t.device.type}) is not a strided CPU/CUDA tensor"
     if t.is_inference():
         return "it is an inference tensor"
+    extra = 0
     if is_view(t):
-        return "it is a view of another tensor"
+        # NOTE [Views nobody else reaches]
+        base_saves = _private_view(t)
+        whole = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        if base_saves is None or not whole:
+            return "it is a view of another tensor"
+        if base_saves is _KEEP:
+            return (
+                "it is a view of a tensor whose producer "
+                f"({type(getattr(base_of(t), 'grad_fn', None)).__name__}) saved it for a backward that a "
+                "rebuilt value could change; move that op inside the block to free it"
+            )
+        extra = (
+            2 if base_saves is True else 1
+        )  # the base shares the storage (and its producer's saved result)
     if t.storage_offset() != 0 or 0 in t.stride():
         return "it does not start its storage or has a zero stride"
     storage = t.untyped_storage()
@@ -143,7 +200,7 @@ def free_reason(t: torch.Tensor, *, leaf_ok: bool = False) -> str | None:
             f"its producer ({type(t.grad_fn).__name__}) saved it for a backward that a rebuilt value "
             "could change (e.g. ReLU's mask); move that op inside the block to free it"
         )
-    expected = 2 + saves
+    expected = 2 + saves + extra
     if _use_count(storage_key(storage)) > expected:
         return "another tensor (a view, an alias or an output) shares its storage"
     return None

@@ -22,6 +22,16 @@ def _positions(x: torch.Tensor, d: int) -> int:
     return math.prod(s for i, s in enumerate(x.shape) if i not in (0, d))
 
 
+def _mix(x: torch.Tensor, w: torch.Tensor, d: int) -> torch.Tensor:
+    """``w`` applied to the channels along ``d`` at every position, in ``x``'s layout: a 1x1
+    convolution for ``(B, C, H, W)``, a matmul for channels-last."""
+    if d == x.dim() - 1:
+        return x @ w.T
+    if x.dim() == 4 and d == 1:
+        return torch.nn.functional.conv2d(x, w[:, :, None, None])
+    return (x.movedim(d, -1) @ w.T).movedim(-1, d).contiguous()
+
+
 def _check_features(n: object, what: str, where: str) -> int:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"invfunc.ops.{where}: {what} must be a positive int, got {n!r}.")
@@ -185,7 +195,7 @@ class Conv1x1(_Channels):
         return self.log_s.sum() if self.lu else torch.linalg.slogdet(self.weight)[1]
 
     def _apply_map(self, x: torch.Tensor, w: torch.Tensor, d: int) -> torch.Tensor:
-        return (x.movedim(d, -1) @ w.T).movedim(-1, d)
+        return _mix(x, w, d)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = self._dim(x)
@@ -274,12 +284,10 @@ class Orthogonal(_Channels):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        d = self._dim(x)
-        return (x.movedim(d, -1) @ self.rotation().T).movedim(-1, d)
+        return _mix(x, self.rotation(), self._dim(x))
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        d = self._dim(y)
-        return (y.movedim(d, -1) @ self.rotation()).movedim(-1, d)
+        return _mix(y, self.rotation().T, self._dim(y))
 
 
 def orthogonal(num_features: int, dim: int = 1) -> Invertible:
