@@ -28,7 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -134,9 +134,17 @@ def run_one(args: argparse.Namespace, depth: int, config: str, grads: Path) -> d
         "batch": args.batch,
         "hidden": args.hidden,
     }
+    return measure_row(args, row, "workloads:build", options, grads)
+
+
+def measure_row(
+    args: argparse.Namespace, row: dict[str, Any], builder: str, options: dict[str, Any], grads: Path
+) -> dict[str, Any]:
+    """``row`` completed by measuring ``builder(**options)`` (a builder in this folder) with
+    the step settings of ``args``; an error becomes ``status: "error"``."""
     try:
         m = measure(
-            "workloads:build",
+            builder,
             options=options,
             steps=args.steps,
             warmup=args.warmup,
@@ -160,9 +168,20 @@ def run_one(args: argparse.Namespace, depth: int, config: str, grads: Path) -> d
     }
 
 
-def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run_all(
+    args: argparse.Namespace,
+    *,
+    measure_one: Callable[[argparse.Namespace, int, str, Path], dict[str, Any]] | None = None,
+    compare: Callable[[dict[str, Any], dict[str, Any], Path, Path], None] | None = None,
+) -> list[dict[str, Any]]:
     """Every (depth, configuration), ``--rounds`` times over the whole table: the first
-    round gives memory, loss and gradients; every round adds a median step time."""
+    round gives memory, loss and gradients; every round adds a median step time.
+
+    ``measure_one`` (default :func:`run_one`) measures one row and ``compare`` (default
+    ``_compare``) sets its ratios and gradient differences to plain autograd's;
+    ``benchmarks/flows.py`` passes its own."""
+    measure_one = run_one if measure_one is None else measure_one
+    compare = _compare if compare is None else compare
     rows: list[dict[str, Any]] = []
     with (
         tempfile.TemporaryDirectory(prefix="invfunc-bench-") as tmp,
@@ -174,11 +193,11 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             for config in args.configs:
                 bar.set_description(f"D={depth} {config}")
                 grads = Path(tmp, f"{config}-{depth}.pt")
-                row = run_one(args, depth, config, grads)
+                row = measure_one(args, depth, config, grads)
                 if config == "plain" and row["status"] == "ok":
                     ref = row
                 if ref is not None and row["status"] == "ok":
-                    _compare(row, ref, reference_grads, grads)
+                    compare(row, ref, reference_grads, grads)
                 if grads != reference_grads:
                     grads.unlink(missing_ok=True)  # gradient files are the size of the parameters
                 row["round_ms"] = [row["step_ms"]] if row["status"] == "ok" else []
@@ -193,7 +212,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                 for row in reversed(at_depth) if r % 2 else at_depth:
                     bar.set_description(f"round {r + 1} D={depth} {row['config']}")
                     if row["status"] == "ok":
-                        again = run_one(args, depth, row["config"], Path(tmp, "round.pt"))
+                        again = measure_one(args, depth, row["config"], Path(tmp, "round.pt"))
                         # a round that failed counts as missing for this row (and, for
                         # plain autograd, for every row's ratio in that round)
                         row["round_ms"].append(again["step_ms"] if again["status"] == "ok" else None)
@@ -359,8 +378,20 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def plot(args: argparse.Namespace, rows: list[dict[str, Any]], path: Path) -> str:
-    """Peak memory and time against depth, one line per configuration; a message saying what happened."""
+def plot(
+    args: argparse.Namespace,
+    rows: list[dict[str, Any]],
+    path: Path,
+    *,
+    labels: dict[str, str] | None = None,
+    title: str | None = None,
+    xlabel: str = "depth D (coupling blocks)",
+) -> str:
+    """Peak memory and time against depth, one line per configuration; a message saying what happened.
+
+    ``labels`` (default the workloads' labels) names the configurations and ``title``
+    (default the workload's title and sizes) heads the figure."""
+    labels = W.LABELS if labels is None else labels
     try:
         import matplotlib
 
@@ -378,14 +409,14 @@ def plot(args: argparse.Namespace, rows: list[dict[str, Any]], path: Path) -> st
         if not ok:
             continue
         depths = [r["depth"] for r in ok]
-        ax_mem.plot(depths, [r[key] for r in ok], "o-", label=W.LABELS[c])
+        ax_mem.plot(depths, [r[key] for r in ok], "o-", label=labels[c])
         ax_time.plot(
-            depths, [r["time_ratio"] if has_ratio else r["step_ms"] for r in ok], "o-", label=W.LABELS[c]
+            depths, [r["time_ratio"] if has_ratio else r["step_ms"] for r in ok], "o-", label=labels[c]
         )
     for ax in (ax_mem, ax_time):
         ax.set_xscale("log", base=2)
         ax.set_xticks(args.depths, [str(d) for d in args.depths])
-        ax.set_xlabel("depth D (coupling blocks)")
+        ax.set_xlabel(xlabel)
         ax.grid(True, alpha=0.3)
     # a log axis: plain autograd and checkpointing grow with depth to hundreds of MiB, and a
     # linear axis would press every reversible row into one line at the bottom
@@ -396,7 +427,7 @@ def plot(args: argparse.Namespace, rows: list[dict[str, Any]], path: Path) -> st
     ax_mem.set_ylabel(("peak CUDA MiB per step" if cuda else "peak RSS growth per step (MiB)") + ", log")
     ax_time.set_ylabel("time per step / plain autograd" if has_ratio else "ms per step")
     ax_mem.legend(fontsize=8)
-    fig.suptitle(f"{W.WORKLOADS[args.workload]['title']}, B={args.batch}, H={args.hidden}")
+    fig.suptitle(title or f"{W.WORKLOADS[args.workload]['title']}, B={args.batch}, H={args.hidden}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import doctest
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -17,6 +19,18 @@ def run():
     sys.path.insert(0, str(BENCH))
     try:
         spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def flows():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_flows", BENCH / "flows.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         yield module
@@ -54,3 +68,35 @@ def test_replot_draws_a_saved_table_again(run, tmp_path: Path) -> None:
     copy.write_text((BENCH / "results" / "tiny.json").read_text())
     assert run.main(["--replot", str(copy)]) == 0
     assert (tmp_path / "tiny.png").stat().st_size > 10_000
+
+
+def test_flows_runs_the_invfunc_configurations_and_writes_its_report(flows, tmp_path: Path) -> None:
+    # the peers (FrEIA, normflows) are not installed in CI: the invfunc rows only, tiny sizes
+    configs = [c for c in flows.CONFIGS if c not in flows.PEERS]
+    tiny = ["--depths", "2", "--batch", "2", "--channels", "4", "--size", "8", "--hidden", "8"]
+    assert flows.main([*tiny, "--steps", "1", "--configs", *configs, "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "flows.json").read_text())["results"]
+    assert [r["config"] for r in rows] == configs
+    assert all(r["status"] == "ok" and r["grads_match"] for r in rows)
+    # the same flow on the same weights: the same NLL in every configuration
+    assert max(r["loss"] for r in rows) - min(r["loss"] for r in rows) < 1e-5
+    assert all(r["grad_diff"] < 1e-4 for r in rows)
+    assert "| invfunc (one call)" in (tmp_path / "flows.md").read_text()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "flows.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("config", ["freia", "freia-checkpoint", "normflows"])
+def test_flows_peers_compute_the_same_nll_and_gradients(flows, config: str) -> None:
+    pytest.importorskip(flows.PEERS[config][0])
+
+    def step(c: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        work = flows.build(config=c, depth=2, batch=2, channels=4, size=8, hidden=8)
+        x = work.data.clone().requires_grad_()
+        loss = work.model(x).square().mean()
+        loss.backward()
+        return [loss.detach(), x.grad, *(p.grad for p in work.params[: 2 * flows.SUBNET_PARAMS])]
+
+    for got, want in zip(step(config), step("plain")):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
