@@ -3,7 +3,9 @@
 The data (two interleaved half-moons) is made in code. The flow is a chain of ActNorm,
 affine couplings and reversals from ``invfunc.ops``; its log-likelihood is
 ``log N(z; 0, I) + ladj``. The same flow trains under plain autograd and under
-``invfunc.invertible_call`` from the same seed, and the two loss curves agree to round-off;
+``invfunc.invertible_call`` from the same seed: in float64 the two loss curves agree to
+1e-13; in float32 they start equal to the reconstruction error and drift apart slowly, as
+round-off is amplified by training;
 sampling runs the inverse chain, memory-efficiently too.
 
     python examples/flow_2d.py              # trains, prints both curves, writes flow_2d.png
@@ -50,8 +52,9 @@ def build(depth: int = 8) -> inv.Invertible:
 
 
 def nll(flow: inv.Invertible, x: torch.Tensor, mode: str) -> torch.Tensor:
-    """Negative log-likelihood per dimension (nats), under ``invertible_call``."""
-    z, ladj = inv.invertible_call(flow, x, mode=mode)
+    """Negative log-likelihood per dimension (nats), under ``invertible_call``; the batch
+    is freed too (``free=``) in invertible mode, and rebuilt in backward."""
+    z, ladj = inv.invertible_call(flow, x, mode=mode, free=[0] if mode == "invertible" else [])
     log_pz = -0.5 * (z.square().sum(1) + z.size(1) * math.log(2 * math.pi))
     return -(log_pz + ladj).mean() / x.size(1)
 
@@ -67,7 +70,7 @@ def train(mode: str, steps: int = 500, batch: int = 512, seed: int = 0) -> tuple
     losses = []
     for _ in range(steps):
         x = moons(batch, data)
-        loss = nll(flow, x * 1.0, mode)  # (x * 1.0: an intermediate, freed in invertible mode)
+        loss = nll(flow, x, mode)
         opt.zero_grad()
         loss.backward()
         opt.step()
