@@ -90,6 +90,7 @@ sys.path.insert(0, str(HERE))
 
 import invfunc as inv  # noqa: E402
 import run as R  # noqa: E402
+import workloads as W  # noqa: E402
 from invfunc import ops  # noqa: E402
 from invfunc._measure import Workload, markdown_table  # noqa: E402
 
@@ -151,15 +152,12 @@ def describe(batch: int, channels: int, size: int, hidden: int) -> str:
 
 def peer_status(config: str) -> str | None:
     """None if ``config`` can run here, else why not (``"not installed"``)."""
-    if config in PEERS and importlib.util.find_spec(PEERS[config][0]) is None:
-        return "not installed"
-    return None
+    return W.peer_status(config, PEERS)
 
 
 def peer_version(config: str) -> str | None:
     """The installed version of a peer configuration's package, or None."""
-    if config not in PEERS or peer_status(config) is not None:
-        return None
+    return W.peer_version(config, PEERS)
     try:
         return importlib.metadata.version(PEERS[config][0])
     except importlib.metadata.PackageNotFoundError:

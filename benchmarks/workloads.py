@@ -135,19 +135,20 @@ _SEQ = 64
 _HEADS = 4
 
 
-def peer_status(config: str) -> str | None:
-    """None if ``config`` can run here, else why not (``"not installed"``)."""
-    if config in PEERS and importlib.util.find_spec(PEERS[config][0]) is None:
+def peer_status(config: str, peers: dict[str, tuple[str, str]] = PEERS) -> str | None:
+    """None if ``config`` can run here, else why not (``"not installed"``); ``peers`` maps
+    peer configurations to (package, version measured)."""
+    if config in peers and importlib.util.find_spec(peers[config][0]) is None:
         return "not installed"
     return None
 
 
-def peer_version(config: str) -> str | None:
+def peer_version(config: str, peers: dict[str, tuple[str, str]] = PEERS) -> str | None:
     """The installed version of a peer configuration's package, or None."""
-    if config not in PEERS or peer_status(config) is not None:
+    if config not in peers or peer_status(config, peers) is not None:
         return None
     try:
-        return importlib.metadata.version(PEERS[config][0])
+        return importlib.metadata.version(peers[config][0])
     except importlib.metadata.PackageNotFoundError:
         return None
 
