@@ -94,6 +94,7 @@ def test_glow_data_and_samples(glow):
 
 
 def test_glow_main_writes_the_plot(glow, tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # (the plot needs it; the rest of the examples do not)
     path = tmp_path / "samples.png"
     glow.main(["--steps", "3", "--batch", "8", "--depth", "1", "--hidden", "8", "--plot", str(path)])
     assert path.stat().st_size > 0
