@@ -156,7 +156,7 @@ def _uneven(d1: int, d2: int) -> inv.Invertible:
 @pytest.mark.parametrize("mode", list(inv.MODES))
 @pytest.mark.parametrize("form", ["pair", "one tensor of odd width", "chain of odd width"])
 def test_couple_takes_unequal_halves(mode: str, form: str) -> None:
-    block = _uneven(2, 3)  # an odd width 5 is split 2 + 3 (FrEIA's convention)
+    block = _uneven(2, 3)  # an odd width 5 is split 2 + 3 (n // 2, n - n // 2)
     params = [*block.F.parameters(), *block.G.parameters()]  # type: ignore[attr-defined]
     if form == "pair":
         fn, xs = block, _inputs((4, 2), (4, 3))

@@ -464,7 +464,7 @@ def _alone(t: torch.Tensor, n: int) -> bool:
 
 def _sizes(n: int) -> list[int]:
     """The sizes of the halves of ``n`` elements: the second has the extra one of an odd
-    ``n`` (FrEIA's convention)."""
+    ``n``."""
     return [n // 2, n - n // 2]
 
 
