@@ -1,4 +1,5 @@
-"""Sessions: tests, tests-oldest, tests-matrix, doctests, lint, typecheck, docs, demo, bench.
+"""Sessions: tests, tests-oldest, tests-matrix, doctests, lint, typecheck, docs, demo, bench,
+bench-flows.
 
 Torch comes from ``$INVFUNC_TORCH`` (default: ``torch``). On machines whose pip sees a
 local CPU wheel, pin it, e.g. ``INVFUNC_TORCH=torch==2.13.0 nox -s tests``.
@@ -20,6 +21,8 @@ TORCH = os.environ.get("INVFUNC_TORCH", "torch")
 OLDEST_TORCH = os.environ.get("INVFUNC_TORCH_OLDEST", "torch==2.4.1")
 NEWEST_TORCH = os.environ.get("INVFUNC_TORCH_NEWEST", "torch==2.15.0")
 PEERS = ["memcnn==1.5.2", "revlib==1.7.2", "invtorch==0.5.0", "numpy"]
+#: The flow libraries benchmarks/flows.py measures against (they bring numpy and scipy).
+FLOW_PEERS = ["FrEIA==0.2", "normflows==1.7.3"]
 
 
 def _install(session: nox.Session, *extras: str) -> None:
@@ -100,6 +103,15 @@ def bench(session: nox.Session) -> None:
     session.install("--no-deps", *PEERS)
     session.install("matplotlib", "tqdm")
     session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session(name="bench-flows")
+def bench_flows(session: nox.Session) -> None:
+    """The flow benchmark (Glow-like steps), side by side with FrEIA and normflows (installs them)."""
+    _install(session)
+    session.install(*FLOW_PEERS)
+    session.install("matplotlib")
+    session.run("python", "benchmarks/flows.py", *session.posargs)
 
 
 @nox.session
