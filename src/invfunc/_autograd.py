@@ -282,46 +282,19 @@ def rebuild(
     rebuilt = list(state.check_rebuilt(got))
     del got
     state.check_drift(rebuilt)
-    if record:  # the rebuilt inputs carry the graph that gradients of gradients need
-        state.refill(rebuilt)
-    else:
-        _refill_moving(state, rebuilt)
+    # NOTE [Rebuilt inputs moved, not copied]: the inverse's result is written into the
+    # input's freed storage, and the block is then differentiated at that storage, not at
+    # the result: both alive would be one activation more than the input itself. When the
+    # result is a fresh tensor nobody else holds, laid out as the input, its memory is
+    # moved into the storage (a swap of data pointers: no copy, no fresh memory); else it
+    # is copied, and let go. With create_graph the rebuilt inputs carry the graph that
+    # gradients of gradients need, and are differentiated as they are.
+    state.refill(rebuilt, move=None if record else movable)
     data = tuple(r if t is None else t for t, r in zip(live, rebuilt))
     del rebuilt
     if not record:  # with create_graph the rebuilt inputs hang on the outputs
         state.release_output()
     return data
-
-
-def _refill_moving(state: BlockState, rebuilt: list[torch.Tensor]) -> None:
-    """Refill the freed inputs from ``rebuilt`` and put the refilled tensors in its place.
-
-    NOTE [Rebuilt inputs moved, not copied]: the inverse's result is written into the
-    input's freed storage, and the block is then differentiated at that storage, not at
-    the result: both alive would be one activation more than the input itself. When the
-    result is a fresh tensor nobody else holds, laid out as the input, its memory is
-    moved into the storage (a swap of data pointers: no copy, no fresh memory); else it
-    is copied, and let go."""
-    handles = state.handles
-    if handles is None:
-        return
-    done: dict[int, torch.Tensor] = {}
-    for i, h in enumerate(handles):
-        if h is None:
-            continue
-        if id(h) in done:  # the same tensor passed twice
-            rebuilt[i] = done[id(h)]
-            continue
-        if h.freed:
-            if _compat.CAN_SWAP and movable(rebuilt, i) and h.fits(rebuilt[i]):
-                h.adopt_memory(rebuilt[i])
-            else:
-                with torch.no_grad():
-                    h.view().copy_(rebuilt[i])
-            h.refill()
-            rebuilt[i] = done[id(h)] = h.view()
-        else:
-            h.refill()
 
 
 def _generic_vjp(

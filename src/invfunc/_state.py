@@ -362,17 +362,39 @@ class BlockState:
             if h is not None:
                 h.refill()
 
-    def refill(self, rebuilt: Sequence[torch.Tensor]) -> None:
+    def refill(
+        self, rebuilt: Sequence[torch.Tensor], move: Callable[[list[torch.Tensor], int], bool] | None = None
+    ) -> None:
+        """Write the rebuilt inputs into their freed storages, each storage once.
+
+        With ``move`` (NOTE [Rebuilt inputs moved, not copied]), ``rebuilt`` is a list
+        whose entries are replaced by the refilled tensors, and an entry ``move(rebuilt,
+        i)`` allows, laid out as the input, has its memory moved in instead of copied
+        (``rebuilt[i]`` is read by index, never bound to a name: ``move`` counts its
+        references)."""
         if self.handles is None:
             return
-        done: set[int] = set()
-        for h, t in zip(self.handles, rebuilt):
-            if h is not None and id(h) not in done:
-                done.add(id(h))
-                if h.freed:
-                    h.refill(t.detach())
-                else:
-                    h.refill()
+        done: dict[int, torch.Tensor] = {}
+        for i, h in enumerate(self.handles):
+            if h is None:
+                continue
+            if id(h) in done:  # the same tensor passed twice
+                if move is not None:
+                    rebuilt[i] = done[id(h)]  # type: ignore[index]
+                continue
+            if not h.freed:
+                h.refill()
+                if move is None:
+                    done[id(h)] = rebuilt[i]
+                continue
+            if move is not None and _compat.CAN_SWAP and move(rebuilt, i) and h.fits(rebuilt[i]):  # type: ignore[arg-type]
+                h.adopt_memory(rebuilt[i])
+                h.refill()
+            else:
+                h.refill(rebuilt[i].detach())
+            done[id(h)] = h.view() if move is not None else rebuilt[i]
+            if move is not None:
+                rebuilt[i] = done[id(h)]  # type: ignore[index]
 
 
 def _describe(x: object) -> str:
