@@ -503,34 +503,10 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
         "grads",
         *(["rounds (time / plain)"] if rounds else []),
     ]
-    detail = []
-    for d in ds:
-        for c in args.configs:
-            r = by[c, d]
-            if r["status"] != "ok":
-                detail.append([LABELS[c], d, r["status"], *["-"] * (len(detail_header) - 3)])
-                continue
-            match = r.get("grads_match")
-            detail.append(
-                [
-                    LABELS[c],
-                    d,
-                    R._cell(r, key, ".1f"),
-                    R._cell(r, "step_ms", ".1f"),
-                    R._cell(r, "time_ratio", ".2f"),
-                    R._cell(r, "loss", ".6g"),
-                    R._cell(r, "checksum_shared", ".10g"),
-                    R._cell(r, "grad_diff_shared", ".1e"),
-                    R._cell(r, "grad_diff", ".1e"),
-                    "-" if match is None else ("match" if match else "MISMATCH"),
-                    *([" ".join(f"{q:.2f}" for q in r.get("round_ratio", [])) or "-"] if rounds else []),
-                ]
-            )
-    errors = [
-        f"- {LABELS[r['config']]} D={r['depth']}: {r['error'].strip().splitlines()[-1]} (more in the JSON)"
-        for r in rows
-        if r["status"] == "error"
-    ]
+    cells = [(key, ".1f"), ("step_ms", ".1f"), ("time_ratio", ".2f"), ("loss", ".6g")]
+    cells += [("checksum_shared", ".10g"), ("grad_diff_shared", ".1e"), ("grad_diff", ".1e")]
+    detail = R.detail_rows(by, args.configs, ds, LABELS, cells, rounds)
+    errors = R.error_lines(rows, LABELS)
     env = environment(args)
     peers = ", ".join(f"{name} {v or 'not installed'}" for name, v in env["peers"].items())
     lines = [

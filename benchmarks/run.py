@@ -272,6 +272,45 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
 
+def detail_rows(
+    by: dict[tuple[str, int], dict[str, Any]],
+    configs: Sequence[str],
+    depths: Sequence[int],
+    labels: dict[str, str],
+    cells: Sequence[tuple[str, str]],
+    rounds: bool,
+) -> list[list[object]]:
+    """The rows of a detail table: label, depth, each ``(key, format)`` of ``cells``, the
+    gradient verdict and, with ``rounds``, every round's time / plain."""
+    detail: list[list[object]] = []
+    for d in depths:
+        for c in configs:
+            r = by[c, d]
+            if r["status"] != "ok":
+                detail.append([labels[c], d, r["status"], *["-"] * (len(cells) + rounds)])
+                continue
+            match = r.get("grads_match")
+            detail.append(
+                [
+                    labels[c],
+                    d,
+                    *(_cell(r, key, fmt) for key, fmt in cells),
+                    "-" if match is None else ("match" if match else "MISMATCH"),
+                    *([" ".join(f"{q:.2f}" for q in r.get("round_ratio", [])) or "-"] if rounds else []),
+                ]
+            )
+    return detail
+
+
+def error_lines(rows: list[dict[str, Any]], labels: dict[str, str]) -> list[str]:
+    """One line per failed row, its error's last line."""
+    return [
+        f"- {labels[r['config']]} D={r['depth']}: {r['error'].strip().splitlines()[-1]} (more in the JSON)"
+        for r in rows
+        if r["status"] == "error"
+    ]
+
+
 def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
     """The Markdown report: a summary across depths, then every row in detail."""
     by = {(r["config"], r["depth"]): r for r in rows}
@@ -302,33 +341,10 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
     rounds = args.rounds > 1
     if rounds:
         detail_header.append("rounds (time / plain)")
-    detail = []
-    for d in ds:
-        for c in args.configs:
-            r = by[c, d]
-            if r["status"] != "ok":
-                detail.append([W.LABELS[c], d, r["status"], *["-"] * (7 if rounds else 6)])
-                continue
-            match = r.get("grads_match")
-            detail.append(
-                [
-                    W.LABELS[c],
-                    d,
-                    _cell(r, key, ".1f"),
-                    _cell(r, "step_ms", ".1f"),
-                    _cell(r, "time_ratio", ".2f"),
-                    _cell(r, "loss", ".6g"),
-                    _cell(r, "checksum", ".10g"),
-                    _cell(r, "grad_diff", ".1e"),
-                    "-" if match is None else ("match" if match else "MISMATCH"),
-                    *([" ".join(f"{q:.2f}" for q in r.get("round_ratio", [])) or "-"] if rounds else []),
-                ]
-            )
-    errors = [
-        f"- {W.LABELS[r['config']]} D={r['depth']}: {r['error'].strip().splitlines()[-1]} (more in the JSON)"
-        for r in rows
-        if r["status"] == "error"
-    ]
+    cells = [(key, ".1f"), ("step_ms", ".1f"), ("time_ratio", ".2f"), ("loss", ".6g")]
+    cells += [("checksum", ".10g"), ("grad_diff", ".1e")]
+    detail = detail_rows(by, args.configs, ds, W.LABELS, cells, rounds)
+    errors = error_lines(rows, W.LABELS)
     env = environment(args)
     lines = [
         f"# {W.WORKLOADS[args.workload]['title']}",
