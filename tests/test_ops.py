@@ -330,3 +330,65 @@ def test_a_glow_like_chain_holds_the_same_bytes_at_any_depth() -> None:
         z, ladj = inv.invertible_call(flow, x * 1.0)
         held.append(saved_bytes(0.5 * z.square().sum() - ladj.sum()))
     assert held[0] == held[1]
+
+
+class _Counted(nn.Module):
+    """A subnet that counts its calls (and may drop out: replayed in backward)."""
+
+    def __init__(self, net: nn.Module, p: float = 0.0) -> None:
+        super().__init__()
+        self.net, self.drop, self.calls = net, nn.Dropout(p), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.drop(self.net(x))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("how", ["backward", "autograd.grad", "double backward", "torch.func.grad", "kept"])
+def test_the_affine_coupling_backward_runs_net_once(how: str) -> None:
+    """NOTE [The affine coupling's backward]: net runs once in the forward and once in the
+    backward (a generic block would run it twice there), the input is freed and rebuilt,
+    dropout in net replays, and the gradients of the input, of every parameter and of the
+    log-det equal plain autograd's in every way of asking for them."""
+    torch.manual_seed(0)
+    net = _Counted(_conv(2, 4).double(), p=0.3)
+    op = inv.chain(ops.actnorm(4), ops.affine_coupling(net))
+    inv.as_module(op).double()
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    op(x.detach())  # initialise the ActNorm
+    params = list(inv.as_module(op).parameters())
+    wrt = [x, *params]
+
+    def loss(out: Any) -> torch.Tensor:
+        z, ladj = out
+        return (z.sin() * z).sum() - (ladj * ladj.cos()).sum()
+
+    def run(call: bool) -> list[torch.Tensor]:
+        torch.manual_seed(7)  # the same dropout masks in both runs
+        h = x if how == "kept" else x * 1.0
+        if how == "torch.func.grad":  # (the input's gradient: parameters swapped by functional_call
+            # around the call are refused by the backward, see the sharp bits)
+
+            def f(v: torch.Tensor) -> torch.Tensor:
+                return loss(inv.invertible_call(op, v * 1.0) if call else op(v * 1.0))
+
+            return [torch.func.grad(f)(x.detach())]
+        out = inv.invertible_call(op, h) if call else op(h)
+        if call and how != "kept":
+            assert freed(h)
+        if how == "double backward":
+            (gx,) = torch.autograd.grad(loss(out), x, create_graph=True)
+            return list(torch.autograd.grad(gx.square().sum(), wrt))
+        if how == "autograd.grad":
+            return list(torch.autograd.grad(loss(out), wrt))
+        for t in wrt:
+            t.grad = None
+        net.calls = 0
+        loss(out).backward()
+        assert net.calls == (1 if call else 0)  # the backward's one evaluation of net
+        return [t.grad.clone() for t in wrt]  # type: ignore[union-attr]
+
+    want = run(False)
+    got = run(True)
+    assert len(got) == len(want) and all(g.abs().sum() > 0 for g in want)
+    assert_all_close(got, want, **F64)

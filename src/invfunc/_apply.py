@@ -185,7 +185,7 @@ def _run_forward(
     """Run the block once under no_grad: (outputs, whether it returned one tensor, the
     output still to assemble, NOTE [Outputs in the memory of the input they replace])."""
     with torch.no_grad():
-        if len(block._sections) == 1:
+        if not block._section_outputs:
             with sections(block._sections[0]):
                 out = block._run(args, sections)
         else:
@@ -201,7 +201,7 @@ def _run_forward(
             f"invfunc.invertible_call({block._name}, ...): the block returned {_describe(out)}; an "
             "invertible function must return a tensor or a tuple of tensors."
         )
-    if len(block._sections) == 1:
+    if not block._section_outputs:
         sections.output(block._sections[0], *outs)
     return outs, single, pending
 

@@ -244,7 +244,9 @@ def _block_backward(
     with state.autocast.replay():
         fused = getattr(block, "_fused_backward", None)
         if kept is None and fused is not None:
-            return fused(state, outs, grads, explicit, captured, needs, own)  # type: ignore[no-any-return]
+            result = fused(state, outs, grads, explicit, captured, needs, own)
+            if result is not None:  # (None: the block declined, for this call; the generic backward runs)
+                return result  # type: ignore[no-any-return]
         if kept is None:
             data = rebuild(state, outs, explicit, captured)
             return _generic_vjp(state, data, explicit, captured, grads, needs)

@@ -218,6 +218,12 @@ class Invertible:
     """
 
     _sections: tuple[str, ...] = ("",)
+    #: False: the block is one section, entered around its whole forward, and the
+    #: block's outputs are that section's (checksummed, NOTE [Recompute divergence]).
+    #: True: ``_run`` enters its sections itself and hands each one's own outputs to
+    #: ``sections.output`` (a coupling's F and G, an affine coupling's net), which its
+    #: ``_fused_backward`` recomputes and compares section by section.
+    _section_outputs = False
 
     def __init__(
         self,

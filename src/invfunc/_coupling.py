@@ -40,6 +40,7 @@ class Coupling(Invertible):
     """
 
     _sections = ("F", "G")
+    _section_outputs = True
 
     def __init__(
         self, F: Callable[..., Any], G: Callable[..., Any] | None, dim: int, n_inputs: int | None = None

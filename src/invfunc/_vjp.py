@@ -122,8 +122,8 @@ def block_vjp(
 
 def _check(state: BlockState, section: str, whole: bool, outs: Sequence[torch.Tensor]) -> None:
     """Compare a recompute with the forward (NOTE [Recompute divergence]): a section's own
-    outputs, or the whole block's when it is one section."""
-    if not whole or len(state.block._sections) == 1:
+    outputs, or the whole block's when the block is one section (``_section_outputs``)."""
+    if not whole or not state.block._section_outputs:
         state.check_recompute(section, outs)
 
 
@@ -176,16 +176,18 @@ def section_vjp(
     explicit: Sequence[torch.Tensor],
     captured_now: Sequence[torch.Tensor],
     needs: Sequence[bool],
-) -> tuple[
-    torch.Tensor, Callable[[torch.Tensor], tuple[torch.Tensor | None, list[tuple[int, torch.Tensor]]]]
-]:
+    *,
+    n_out: int = 1,
+) -> tuple[Any, Callable[[Any], tuple[torch.Tensor | None, list[tuple[int, torch.Tensor]]]]]:
     """``fn(x, *rest)`` and its VJP over ``x``, the explicit tensors of ``rest`` and the
     captured tensors ``fn`` reads.
 
     ``rest`` is the block's per-call arguments, ``state.merge_params(explicit)``; ``needs``
     says which of ``[*explicit, *captured_now]`` want a gradient. Returns the output and
     a function mapping a cotangent to (grad of x, [(index in ``[*explicit,
-    *captured_now]``, grad)]). Used by couplings to evaluate F and G once each.
+    *captured_now]``, grad)]). With ``n_out`` > 1, ``fn`` returns a tuple of that many
+    tensors, and the output and the cotangent are tuples. Used by couplings to evaluate
+    F and G (an affine coupling's net) once each.
     """
     n_exp = len(explicit)
     slots = state.sections.get(section, [])
@@ -197,16 +199,17 @@ def section_vjp(
         *(1 + n_exp + k for k, i in enumerate(slots) if needs[n_exp + i]),
     ]
 
-    def call(v: Sequence[torch.Tensor]) -> tuple[torch.Tensor]:
-        return (fn(v[0], *state.merge_params(v[1 : 1 + n_exp])),)
+    def call(v: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        out = fn(v[0], *state.merge_params(v[1 : 1 + n_exp]))
+        return (out,) if n_out == 1 else tuple(out)
 
     outs, pull = block_vjp(state, section, call, values, diff, 1 + n_exp, slots)
 
-    def pullback(g: torch.Tensor) -> tuple[torch.Tensor | None, list[tuple[int, torch.Tensor]]]:
-        grads = pull((g,))
+    def pullback(g: Any) -> tuple[torch.Tensor | None, list[tuple[int, torch.Tensor]]]:
+        grads = pull((g,) if n_out == 1 else g)
         return grads[0], [(i, gi) for i, gi in zip(wanted, grads[1:]) if gi is not None]
 
-    return outs[0], pullback
+    return (outs[0] if n_out == 1 else outs), pullback
 
 
 # the engine call behind torch.autograd.grad, without its Python-side checks (~35 us a call)

@@ -4,7 +4,7 @@ elementwise map the user supplies. (The additive coupling is :func:`invfunc.coup
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +12,10 @@ from torch import nn
 
 from .._core import Invertible, _name, split_ladj
 from .._coupling import _sizes
+from .._replay import mode_dependent
+from .._reuse import movable
+from .._state import BlockState
+from .._vjp import _fast_path, section_vjp
 from ._op import channel_dim, make_op, sum_per_sample
 
 __all__ = ["affine_coupling", "custom_coupling", "momentum_coupling"]
@@ -45,23 +49,24 @@ class AffineCoupling(_Conditioned):
         super().__init__(net, dim, f"affine_coupling({_name(net)})")
         self.clamp = clamp
 
-    def _scale_shift(self, x1: torch.Tensor, x2: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scale_shift(self, x1: torch.Tensor, like: torch.Size, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, t)`` of ``net(x1)``, each shaped ``like`` (x2's shape), ``s`` soft-clamped."""
         h = self.net(x1)
         if isinstance(h, tuple) and len(h) == 2:
             s, t = h
-        elif isinstance(h, torch.Tensor) and h.dim() == x2.dim() and h.size(d) == 2 * x2.size(d):
+        elif isinstance(h, torch.Tensor) and h.dim() == len(like) and h.size(d) == 2 * like[d]:
             s, t = h.chunk(2, d)
         else:
             raise ValueError(
                 f"invfunc.ops.{self.where}: net returned {_describe(h)} for x1 of shape "
                 f"{tuple(x1.shape)}; it must return one tensor with twice x2's size along dim {d} "
                 "(log-scale, then shift) or the pair (log_scale, shift), each shaped like x2, "
-                f"{tuple(x2.shape)}."
+                f"{tuple(like)}."
             )
-        if s.shape != x2.shape or t.shape != x2.shape:
+        if s.shape != like or t.shape != like:
             raise ValueError(
                 f"invfunc.ops.{self.where}: net gave a log-scale of shape {tuple(s.shape)} and a shift of "
-                f"shape {tuple(t.shape)}; both must be shaped like x2, {tuple(x2.shape)}."
+                f"shape {tuple(t.shape)}; both must be shaped like x2, {tuple(like)}."
             )
         if self.clamp > 0:  # soft clamp: |s| < clamp, smooth, identity near 0
             s = self.clamp * torch.tanh(s / self.clamp)
@@ -69,12 +74,12 @@ class AffineCoupling(_Conditioned):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x1, x2, d = self._halves(x)
-        s, t = self._scale_shift(x1, x2, d)
+        s, t = self._scale_shift(x1, x2.shape, d)
         return torch.cat([x1, x2 * s.exp() + t], d), sum_per_sample(s)
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y1, y2, d = self._halves(y)
-        s, t = self._scale_shift(y1, y2, d)
+        s, t = self._scale_shift(y1, y2.shape, d)
         return torch.cat([y1, (y2 - t) * (-s).exp()], d), -sum_per_sample(s)
 
 
@@ -112,7 +117,107 @@ def affine_coupling(net: Callable[..., Any], dim: int = 1, *, clamp: float = 2.0
     if not isinstance(clamp, (int, float)) or isinstance(clamp, bool) or clamp < 0 or math.isnan(clamp):
         raise ValueError(f"invfunc.ops.affine_coupling: clamp must be a number >= 0, got {clamp!r}.")
     module = AffineCoupling(net, dim, float(clamp))
-    return make_op(module, module.where, ladj=True)
+    return make_op(module, module.where, ladj=True, block=_AffineBlock)
+
+
+class _AffineBlock(Invertible):
+    """The affine coupling as the engine runs it: ``net`` is its one recorded section.
+
+    NOTE [The affine coupling's backward]
+
+    1. The forward runs ``net(x1)`` (with the soft clamp) inside the section ``"net"``,
+       whose outputs ``(s, t)`` are checksummed, and the coupling's arithmetic outside it.
+    2. The backward evaluates ``net(y1)`` once, with grad (``y1`` is ``x1``): its
+       ``(s, t)`` rebuild ``x2 = (y2 - t) * exp(-s)`` and, through ``net``'s pullback,
+       give ``x1``'s and the parameters' gradients. A generic block would run ``net``
+       twice (the inverse, then the recompute), as torch.utils.checkpoint runs it once.
+    3. The gradients are plain autograd's formulas for ``y2 = x2 * exp(s) + t`` and
+       ``ladj = sum(s)``: ``g_x2 = g_y2 * e``, ``g_s = g_y2 * x2 * e + g_ladj``,
+       ``g_t = g_y2``, ``g_x1 = g_y1 + net's pullback of (g_s, g_t)``, with ``e = exp(s)``.
+    4. A kept input is used as it is (NOTE [Kept inputs are used as they are]); a freed
+       one is refilled with ``cat(y1, x2)``, built in a fresh buffer whose memory is
+       moved into the input's storage (NOTE [Rebuilt inputs moved, not copied]); drift is
+       checked as for any block. Without a graph to build, the arithmetic writes into
+       fresh buffers; with one (``create_graph``, torch.func) it is ordinary ops.
+    """
+
+    _sections = ("net",)
+    _section_outputs = True
+
+    @property
+    def _module(self) -> AffineCoupling:
+        return self._fn.__self__  # type: ignore[attr-defined,no-any-return]
+
+    def _mode_dependent(self) -> list[nn.Module]:
+        return mode_dependent(self._module.net)
+
+    def _run(self, args: Sequence[Any], section: Any) -> Any:
+        m = self._module
+        # (the arithmetic on detached views: not recorded, not mistaken for captured tensors)
+        x1, x2, d = m._halves(args[0].detach())
+        with section("net"):
+            s, t = m._scale_shift(x1, x2.shape, d)
+        section.output("net", s, t)
+        return torch.cat([x1, x2 * s.exp() + t], d), sum_per_sample(s)
+
+    def _fused_backward(
+        self,
+        state: BlockState,
+        outs: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        explicit: Sequence[torch.Tensor],
+        captured: Sequence[torch.Tensor],
+        needs: Sequence[bool],
+        own: Sequence[bool],
+    ) -> list[torch.Tensor | None]:
+        m = self._module
+        fast = _fast_path(*outs, *grads)  # no graph to build: write into fresh buffers
+        y1, y2, d = m._halves(outs[0].detach() if fast else outs[0])
+        gy1, gy2 = grads[0].split_with_sizes([y1.size(d), y2.size(d)], d)
+        rest_needs = needs[1:]
+        like = y2.shape  # (read here: inside the section it would count as a tensor net reads)
+        (s, t), pull = section_vjp(
+            state, lambda a: m._scale_shift(a, like, d), "net", y1, explicit, captured, rest_needs, n_out=2
+        )
+        e = s.exp()
+        live = state.live_inputs()[0] if fast and state.live else None
+        rebuilt: list[torch.Tensor] = []
+        if live is not None:
+            x2 = live.narrow(d, y1.size(d), y2.size(d))
+        elif fast:  # x = cat(y1, (y2 - t) / e), written in place
+            rebuilt.append(torch.empty_like(outs[0], memory_format=torch.contiguous_format))
+            x1_dst, x2 = rebuilt[0].split_with_sizes([y1.size(d), y2.size(d)], d)
+            x1_dst.copy_(y1)
+            torch.sub(y2, t, out=x2).div_(e)
+            del x1_dst
+        else:
+            x2 = (y2 - t) * (-s).exp()
+            rebuilt.append(torch.cat([y1, x2], d))
+        del t
+        g_ladj = grads[1].reshape(-1, *([1] * (s.dim() - 1)))
+        g_s = torch.mul(gy2, x2).mul_(e).add_(g_ladj) if fast else gy2 * x2 * e + g_ladj
+        del x2
+        if rebuilt:
+            state.check_drift(rebuilt)
+            if state.handles:
+                state.refill(rebuilt, move=movable if fast else None)
+            del rebuilt
+        del y2
+        g_x1, pairs = pull((g_s, gy2))
+        del pull, g_s, y1
+        state.release_output()  # (after net's backward, which may read y1, a view of it)
+        if fast:
+            g_x = torch.empty_like(grads[0], memory_format=torch.contiguous_format)
+            gx1, gx2 = g_x.split_with_sizes([gy1.size(d), gy2.size(d)], d)
+            torch.mul(gy2, e, out=gx2)
+            gx1.copy_(gy1) if g_x1 is None else torch.add(gy1, g_x1, out=gx1)
+        else:
+            g_x = torch.cat([gy1 if g_x1 is None else gy1 + g_x1, gy2 * e], d)
+        del s, e, g_x1
+        rest: list[torch.Tensor | None] = [None] * len(rest_needs)
+        for i, g in pairs:
+            rest[i] = g if rest[i] is None else rest[i] + g  # type: ignore[operator]
+        return [g_x if needs[0] else None] + [g if n else None for g, n in zip(rest, rest_needs)]
 
 
 class MomentumCoupling(nn.Module):
@@ -179,7 +284,7 @@ def momentum_coupling(f: Callable[..., Any], gamma: float = 0.9) -> Invertible:
     if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not 0 < gamma <= 1:
         raise ValueError(f"invfunc.ops.momentum_coupling: gamma must be in (0, 1], got {gamma!r}.")
     module = MomentumCoupling(f, float(gamma))
-    return make_op(module, module.where, ladj=True, n_inputs=2, n_outputs=2)
+    return make_op(module, module.where, ladj=True, n_inputs=2, n_outputs=2, block=Invertible)
 
 
 class CustomCoupling(_Conditioned):
@@ -246,7 +351,7 @@ def custom_coupling(net: Callable[..., Any], transform: Invertible, dim: int = 1
             "invfunc.invertible(..., ladj=True) (returning (y, ladj)) or ladj=0 (volume-preserving)."
         )
     module = CustomCoupling(net, transform, dim)
-    return make_op(module, module.where, ladj=transform._ladj is True)
+    return make_op(module, module.where, ladj=transform._ladj is True, block=Invertible)
 
 
 def _describe(x: object) -> str:
