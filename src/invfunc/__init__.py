@@ -7,6 +7,7 @@ Pair a pure function with its inverse (:func:`invertible`), compose with
 
 from ._call import invertible_call
 from ._chain import chain
+from ._check import BlockCheck, CheckReport, check
 from ._core import Invertible, inverse, invertible
 from ._coupling import couple
 from ._errors import FreedTensorError, InvertibilityWarning, InvfuncError
@@ -17,6 +18,8 @@ from ._verify import verify
 
 __all__ = [
     "MODES",
+    "BlockCheck",
+    "CheckReport",
     "FreedTensorError",
     "InvertibilityWarning",
     "Invertible",
@@ -24,6 +27,7 @@ __all__ = [
     "InvfuncError",
     "as_module",
     "chain",
+    "check",
     "couple",
     "current_mode",
     "explain",

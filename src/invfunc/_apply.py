@@ -127,7 +127,7 @@ class Sections:
     outputs (NOTE [Recompute divergence]). ``block._run`` enters ``sections(name)``
     around each section and hands its outputs to ``sections.output(name, ...)``."""
 
-    __slots__ = ("checksums", "devices", "random", "rng", "tracer")
+    __slots__ = ("checksums", "devices", "exact", "random", "rng", "tracer")
 
     def __init__(self, devices: list[int], tracer: Tracer | None, random: bool) -> None:
         self.devices = devices
@@ -135,6 +135,7 @@ class Sections:
         self.random = random  # a static block that draws random numbers
         self.rng: dict[str, RngState] = {}
         self.checksums: dict[str, list[Checksum | None]] = {}
+        self.exact: list[int] | None = None  # NOTE [Exact couplings], rule 6: the input's checksum
 
     def __call__(self, name: str) -> AbstractContextManager[None]:
         if self.tracer is not None:
@@ -335,6 +336,7 @@ def _fill_state(
                 rng[name].user = list(gens.values())
     first = rng.get(block._sections[0])
     state.rng = None if first is None or all(r.unchanged() for r in rng.values()) else rng
+    state.exact = sections.exact
     state.n_out = len(outs) - (block._ladj is True)  # the log-det is not saved (NOTE [Log-determinants])
     state.n_data = len(data)
     state.param_template = [_TENSOR_SLOT if isinstance(p, torch.Tensor) else p for p in params]

@@ -11,6 +11,7 @@ import torch
 from . import _compat
 from ._apply import Pending, Sections
 from ._core import Invertible, _name
+from ._exact import Grid, grid_for
 from ._replay import mode_dependent, reread, static_reads
 from ._reuse import REUSE_MIN_BYTES, owned
 from ._state import BlockState, _is_wrapped
@@ -43,10 +44,18 @@ class Coupling(Invertible):
     _section_outputs = True
 
     def __init__(
-        self, F: Callable[..., Any], G: Callable[..., Any] | None, dim: int, n_inputs: int | None = None
+        self,
+        F: Callable[..., Any],
+        G: Callable[..., Any] | None,
+        dim: int,
+        n_inputs: int | None = None,
+        grid: Grid | None = None,
     ) -> None:
         self.F = F
         self.G = G
+        self.grid = grid  # NOTE [Exact couplings]: F and G as run, their outputs on the grid
+        self._f = grid.wrap(F, "F") if grid is not None else F
+        self._g = grid.wrap(G, "G") if grid is not None and G is not None else G
         self.dim = dim
         self.n_in = n_inputs  # None: one tensor or a pair, as called, and nothing else
         name = f"couple({_name(F)}, {_name(G)})" if G is not None else f"couple({_name(F)})"
@@ -74,7 +83,7 @@ class Coupling(Invertible):
         if self.n_in is None or self.n_in == 2:
             return self
         if self._as_pairs is None:
-            self._as_pairs = Coupling(self.F, self.G, self.dim, 2)
+            self._as_pairs = Coupling(self.F, self.G, self.dim, 2, self.grid)
             self._as_pairs._name = self._name
         return self._as_pairs
 
@@ -155,8 +164,13 @@ class Coupling(Invertible):
     def _coupled(
         self, x1: torch.Tensor, x2: torch.Tensor, rest: Sequence[Any]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        y1 = x1 + self._half(self.F, "F", x2, x1, rest)
-        y2 = x2 + self._half(self.G, "G", y1, x2, rest) if self.G is not None else x2
+        if self.grid is not None:  # NOTE [Exact couplings], rule 5
+            x1, x2 = self.grid.round(x1, "the input"), self.grid.round(x2, "the input")
+        y1 = x1 + self._half(self._f, "F", x2, x1, rest)
+        y2 = x2 + self._half(self._g, "G", y1, x2, rest) if self._g is not None else x2
+        if self.grid is not None:
+            self.grid.check(y1, "the output")
+            self.grid.check(y2, "the output")
         return y1, y2
 
     def _half(
@@ -178,8 +192,10 @@ class Coupling(Invertible):
     def _uncoupled(
         self, y1: torch.Tensor, y2: torch.Tensor, rest: Sequence[Any]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x2 = y2 - self._half(self.G, "G", y1, y2, rest) if self.G is not None else y2
-        x1 = y1 - self._half(self.F, "F", x2, y1, rest)
+        if self.grid is not None:
+            y1, y2 = self.grid.round(y1, "the output"), self.grid.round(y2, "the output")
+        x2 = y2 - self._half(self._g, "G", y1, y2, rest) if self._g is not None else y2
+        x1 = y1 - self._half(self._f, "F", x2, y1, rest)
         return x1, x2
 
     @property
@@ -212,6 +228,8 @@ class Coupling(Invertible):
     def _run(self, args: Sequence[Any], section: Sections) -> Any:
         # Only F and G run inside sections (recorded); the coupling's own arithmetic runs
         # on detached views, so it is neither recorded nor mistaken for a captured tensor.
+        if self.grid is not None:
+            return self._run_exact(args, section)
         check = self._check_half
         n = self.data_count(args)
         rest = args[n:]  # NOTE [Per-call arguments]
@@ -286,6 +304,31 @@ class Coupling(Invertible):
         torch.add(x2, g, out=y2)
         return y
 
+    def _run_exact(self, args: Sequence[Any], section: Sections) -> Any:
+        """The forward of an exact coupling (NOTE [Exact couplings]): the stream and F's and
+        G's outputs on the grid; an exact checksum of the input for the backward."""
+        grid, n = self.grid, self.data_count(args)
+        assert grid is not None
+        rest = args[n:]
+        if n == 2:
+            x1, x2 = (grid.round(a.detach(), "the input") for a in args[:2])
+        else:
+            x1, x2, d = self._split(grid.round(args[0].detach(), "the input"), "the input")
+        section.exact = grid.checksum(x1, x2)
+        with section("F"):
+            f = self._check_half(self._f(x2, *rest), "F", x2, x1.shape)
+        section.output("F", f)
+        y1 = x1 + f
+        grid.check(y1, "the output")
+        y2 = x2
+        if self._g is not None:
+            with section("G"):
+                g = self._check_half(self._g(y1, *rest), "G", y1, x2.shape)
+            section.output("G", g)
+            y2 = x2 + g
+            grid.check(y2, "the output")
+        return (y1, y2) if n == 2 else torch.cat([y1, y2], d)
+
     def _fused_backward(
         self,
         state: BlockState,
@@ -314,6 +357,8 @@ class Coupling(Invertible):
         spare1 = None
         # NOTE [Kept inputs are used as they are]: not recomputed from the outputs
         live = state.live_inputs() if fast and state.live else [None] * n_data
+        if self.grid is not None:  # the forward ran on the kept input put on the grid
+            live = [None if t is None else self.grid.round(t, "the input", check=False) for t in live]
         if n_data == 1:
             d = self.dim % outs[0].dim()
             sizes = _sizes(outs[0].size(d))
@@ -353,9 +398,9 @@ class Coupling(Invertible):
                     if spare1 is None:  # y1 is moved after G's backward, which reads it
                         x1_dst = handles[0].view()
 
-        if self.G is not None:
+        if self._g is not None:
             g_in = y1
-            g_out, pull_g = section_vjp(state, self.G, "G", g_in, explicit, captured, rest_needs)
+            g_out, pull_g = section_vjp(state, self._g, "G", g_in, explicit, captured, rest_needs)
             del g_in
             if live[-1] is not None:
                 x2 = live[-1] if n_data == 2 else live[-1].narrow(d, h, sizes[1])
@@ -381,7 +426,7 @@ class Coupling(Invertible):
             # the one-sided coupling's x2 is y2 (already in x2's storage when moved there)
             x2 = y2 if x2_dst is None or y2 is x2_dst else x2_dst.copy_(y2)
             gz1 = gy1
-        f_out, pull_f = section_vjp(state, self.F, "F", x2, explicit, captured, rest_needs)
+        f_out, pull_f = section_vjp(state, self._f, "F", x2, explicit, captured, rest_needs)
         if live[0] is not None:
             x1 = live[0] if n_data == 2 else live[0].narrow(d, 0, h)
         else:
@@ -419,6 +464,9 @@ class Coupling(Invertible):
         else:
             gx2 = gy2 + g_x2
             data_grads = [torch.cat([gz1, gx2], d)] if n_data == 1 else [gz1, gx2]
+        if state.exact is not None:  # NOTE [Exact couplings], rule 6
+            assert self.grid is not None
+            self.grid.compare(state.name, state.exact, (x1, x2))
         if state.prints is not None:
             if n_data == 2:
                 state.check_drift((x1, x2))
@@ -501,6 +549,7 @@ def couple(
     *,
     dim: int = 1,
     n_inputs: int | None = None,
+    exact: bool | float = False,
 ) -> Invertible:
     """The additive (RevNet) coupling: ``y1 = x1 + F(x2); y2 = x2 + G(y1)``.
 
@@ -530,6 +579,13 @@ def couple(
         n_inputs: how many leading arguments are data: 1 (one tensor, split into
             halves) or 2 (a pair); the arguments after them go to F and G. Left out,
             the coupling takes one tensor or a pair and nothing else.
+        exact: True puts the stream and F's and G's outputs on a fixed grid chosen from
+            the dtype (float32: multiples of ``2^-16``, below 256 in magnitude), so that
+            the inverse is exact to the bit and :func:`invfunc.invertible_call`'s
+            gradients are bitwise those of a plain call of the same exact model (with
+            deterministic F and G). A number declares the largest magnitude instead (a
+            coarser grid). Values past the range raise :class:`invfunc.InvfuncError`.
+            See NOTE [Exact couplings] and "Exact couplings" in the sharp bits.
 
     Examples:
         >>> import torch, invfunc as inv
@@ -554,6 +610,13 @@ def couple(
         >>> y = inv.invertible_call(masked, x.requires_grad_(), m)
         >>> torch.allclose(masked.inverse(y, m), x, atol=1e-6)
         True
+
+        Exact: the inverse gives back the (grid-rounded) input to the bit:
+
+        >>> exact = inv.couple(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3), exact=True)
+        >>> h = torch.round(torch.randn(2, 6) * 2**16) / 2**16      # already on the grid
+        >>> torch.equal(exact.inverse(exact(h)), h)
+        True
     """
     if not callable(F):
         raise TypeError(f"invfunc.couple(F, G): F must be callable, got {type(F).__name__}.")
@@ -566,4 +629,8 @@ def couple(
             f"invfunc.couple(F, G, n_inputs=...): n_inputs must be 1 (one tensor, split into halves) "
             f"or 2 (a pair), got {n_inputs!r}."
         )
-    return Coupling(F, G, dim, n_inputs)
+    grid = grid_for(exact, "couple(F, G, exact=...)")
+    block = Coupling(F, G, dim, n_inputs, grid)
+    if grid is not None:
+        grid.where = block._name
+    return block

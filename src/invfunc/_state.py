@@ -62,6 +62,7 @@ class BlockState:
         "choices",
         "consumers",
         "ctx_ref",
+        "exact",
         "handles",
         "in_meta",
         "kept",
@@ -94,6 +95,7 @@ class BlockState:
     n_explicit: int
     captured: list[torch.Tensor]
     sections: dict[str, list[int]]
+    exact: list[int] | None  # NOTE [Exact couplings], rule 6
     rng: dict[str, RngState] | None
     autocast: AutocastState
     updates: set[int]
