@@ -5,6 +5,7 @@ Pair a pure function with its inverse (:func:`invertible`), compose with
 :func:`invertible_call`.
 """
 
+from ._at import at
 from ._call import invertible_call
 from ._chain import chain
 from ._check import BlockCheck, CheckReport, check
@@ -26,6 +27,7 @@ __all__ = [
     "InvertibleModule",
     "InvfuncError",
     "as_module",
+    "at",
     "chain",
     "check",
     "couple",

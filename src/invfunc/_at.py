@@ -1,0 +1,168 @@
+"""Acting on some of a block's tensors and passing the others through: :func:`at`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ._core import Invertible, _name, split_ladj
+from ._chain import with_ladj
+
+__all__ = ["At", "at"]
+
+
+class At(Invertible):
+    """``fn`` applied to the data tensors from position ``index`` on (as many as ``fn``
+    takes); the tensors before and after pass through unchanged (see :func:`at`).
+
+    NOTE [Acting at a position]
+
+    1. Every argument is data (an ``at`` block takes no trailing parameters): the
+       tensors before ``index`` and after ``fn``'s inputs are returned as they are, the
+       same objects, between ``fn``'s outputs put in place of its inputs.
+    2. ``fn`` takes ``fn.n_inputs`` tensors (1 if it does not say: a coupling without
+       ``n_inputs=``); the inverse gives ``fn.inverse`` its ``fn.n_outputs``, which must
+       be known (declared, or learnt from a call). An ``at`` inside an ``at`` takes every
+       tensor from its position on: ``at(i, at(j, f))`` acts as ``at(i + j, f)``.
+    3. Over a chain, ``at(i, chain(b1, b2, ...))`` flattens into ``at(i, b1), at(i, b2),
+       ...``: each block is its own node of the engine, so memory stays flat in depth
+       inside it too, and a block that splits (``ops.split()``) leaves its first output
+       at ``i``, where the next block acts.
+    4. The log-det is ``fn``'s (the pass-through preserves volume).
+    5. The passed-through tensors are outputs that are inputs: the engine keeps them (one
+       copy, shared by every block they pass), and the block is a generic one: its
+       backward runs ``fn``'s inverse, then ``fn`` (a coupling's single evaluation of F
+       and G, or the affine coupling's of its net, is not used through ``at``).
+    """
+
+    def __init__(self, index: int, fn: Invertible) -> None:
+        self.index = index
+        self.fn = fn
+        super().__init__(self._forward, self._backward, ladj=fn._ladj, name=f"at({index}, {fn._name})", wraps=False)
+        self._arity = None
+        self._flat: list[Invertible] | None = None
+
+    @property
+    def n_inputs(self) -> int | None:
+        return None  # every argument, as called (rule 1)
+
+    @property
+    def n_outputs(self) -> int | None:
+        return None
+
+    def _n_data(self, args: Sequence[Any]) -> int:
+        return len(args)
+
+    def _declared_data(self) -> int | None:
+        return None
+
+    def _takes_rest(self, n_rest: int, lead: bool, where: str) -> bool:
+        if n_rest:
+            raise TypeError(
+                f"{where}: {self._name} takes no arguments after its data (every tensor it receives "
+                "is data); bind fn's own parameters with functools.partial or a closure."
+            )
+        return False
+
+    def _learn(self, args: Sequence[Any], out: Any, n_data: int | None = None) -> None:
+        pass  # its fn learns, as it runs
+
+    def _apply(self, fn: Invertible, k: int, args: Sequence[Any]) -> Any:
+        i = self.index
+        if not 0 <= i or i + k > len(args):
+            raise TypeError(
+                f"invfunc.{self._name}: acts on {k} tensor(s) from position {i}, but was given "
+                f"{len(args)} tensor(s); at(index, fn) needs index + fn's data count <= the tensors given."
+            )
+        out = fn(*args[i : i + k])
+        ladj = None
+        if fn._ladj is True:
+            out, ladj = split_ladj(out)
+        outs = (*args[:i], *(out if isinstance(out, tuple) else (out,)), *args[i + k :])
+        got: Any = outs[0] if len(outs) == 1 else outs
+        return with_ladj(got, ladj) if ladj is not None else got
+
+    def _forward(self, *args: Any) -> Any:
+        k = len(args) - self.index if isinstance(self.fn, At) else self.fn.n_inputs or 1
+        return self._apply(self.fn, k, args)
+
+    def _backward(self, *args: Any) -> Any:
+        k = len(args) - self.index if isinstance(self.fn, At) else self.fn.n_outputs
+        if k is None:
+            raise TypeError(
+                f"invfunc.inverse({self._name}): cannot tell how many of the {len(args)} tensors are "
+                f"{self.fn._name}'s outputs: it has not been called yet and does not declare them; "
+                "declare invfunc.invertible(..., n_outputs=k), or call the forward first."
+            )
+        return self._apply(self.fn.inverse, k, args)
+
+    @property
+    def inverse(self) -> Invertible:
+        if self._inverse is None:
+            inv = _AtInverse(self)
+            inv._inverse = self
+            self._inverse = inv
+        return self._inverse
+
+    def _flatten(self) -> list[Invertible]:
+        inner = self.fn._flatten()
+        if len(inner) == 1:
+            return [self]
+        if self._flat is None:
+            self._flat = [At(self.index, b) for b in inner]
+        return list(self._flat)
+
+
+class _AtInverse(At):
+    """The inverse of ``at(i, fn)``: ``fn.inverse`` at ``i`` (NOTE [Acting at a position])."""
+
+    def __init__(self, of: At) -> None:
+        super().__init__(of.index, of.fn.inverse)
+        self._of = of
+        self._name = f"inverse({of._name})"
+
+    def _forward(self, *args: Any) -> Any:
+        return self._of._backward(*args)
+
+    def _backward(self, *args: Any) -> Any:
+        return self._of._forward(*args)
+
+    def _flatten(self) -> list[Invertible]:
+        blocks = self._of._flatten()
+        return [self] if len(blocks) == 1 else [b.inverse for b in reversed(blocks)]
+
+
+def at(index: int, fn: Invertible) -> Invertible:
+    """``fn`` applied to the tensors at position ``index`` (as many as it takes); the others
+    pass through unchanged.
+
+    The way a flow *factors out* part of its state: after ``ops.split()`` a chain carries
+    two tensors, and ``at(1, rest)`` runs the rest of the flow on the second while the
+    first, a finished latent, passes through (Glow's multi-scale architecture). Over a
+    chain it runs block by block (NOTE [Acting at a position]), so under
+    :func:`invfunc.invertible_call` memory stays flat in depth. Its log-det is ``fn``'s;
+    its inverse is ``fn``'s inverse at the same position.
+
+    Args:
+        index: the position of ``fn``'s first input among the tensors the block receives.
+        fn: an :class:`Invertible`; it takes ``fn.n_inputs`` tensors (1 if undeclared).
+
+    Examples:
+        >>> import torch, invfunc as inv
+        >>> from invfunc import ops
+        >>> double = inv.invertible(lambda x: 2 * x, inverse=lambda y: y / 2, ladj=0)
+        >>> flow = inv.chain(ops.split(), inv.at(1, double))       # x -> (x1, 2 * x2)
+        >>> z1, z2 = flow(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+        >>> z1, z2
+        (tensor([[1., 2.]]), tensor([[6., 8.]]))
+        >>> flow.inverse(z1, z2)
+        tensor([[1., 2., 3., 4.]])
+    """
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise TypeError(f"invfunc.at(index, fn): index must be an int >= 0, got {index!r}.")
+    if not isinstance(fn, Invertible):
+        raise TypeError(
+            f"invfunc.at(index, fn): fn must be an Invertible, got {_name(fn)} ({type(fn).__name__}); "
+            "wrap it with invfunc.invertible(fn, inverse=...)."
+        )
+    return At(index, fn)
