@@ -31,7 +31,12 @@ def glow(depth: int) -> inv.Invertible:
         ops.squeeze(2),
         *_steps(4, depth),
         ops.split(),
-        inv.at(1, inv.chain(ops.squeeze(2), *_steps(8, depth), ops.split(), inv.at(1, inv.chain(*_steps(4, depth))))),
+        inv.at(
+            1,
+            inv.chain(
+                ops.squeeze(2), *_steps(8, depth), ops.split(), inv.at(1, inv.chain(*_steps(4, depth)))
+            ),
+        ),
     )
 
 
@@ -95,7 +100,9 @@ def test_errors_name_the_block_and_the_fix() -> None:
         inv.at(-1, double)
     with pytest.raises(TypeError, match=r"fn must be an Invertible"):
         inv.at(0, lambda x: x)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"at\(2, <lambda>\): acts on 1 tensor\(s\) from position 2, but was given 2"):
+    with pytest.raises(
+        TypeError, match=r"at\(2, <lambda>\): acts on 1 tensor\(s\) from position 2, but was given 2"
+    ):
         inv.at(2, double)(torch.ones(1), torch.ones(1))
     unknown = inv.invertible(lambda x: (x, x), inverse=lambda *ys: ys[0])
     with pytest.raises(TypeError, match=r"cannot tell how many of the 3 tensors are <lambda>'s outputs"):

@@ -17,7 +17,9 @@ def _mlp(h: int, dtype: torch.dtype) -> nn.Module:
     return nn.Sequential(nn.Linear(h, h), nn.Tanh(), nn.Linear(h, h)).to(dtype)
 
 
-def _net(depth: int, dtype: torch.dtype, h: int = 4, **kw: Any) -> tuple[list[inv.Invertible], list[torch.Tensor]]:
+def _net(
+    depth: int, dtype: torch.dtype, h: int = 4, **kw: Any
+) -> tuple[list[inv.Invertible], list[torch.Tensor]]:
     torch.manual_seed(depth)
     blocks = [inv.couple(_mlp(h, dtype), _mlp(h, dtype), exact=True, **kw) for _ in range(depth)]
     params = [p for b in blocks for m in (b.F, b.G) for p in m.parameters()]  # type: ignore[attr-defined]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ._core import Invertible, _name, split_ladj
 from ._chain import with_ladj
+from ._core import Invertible, _name, split_ladj
 
 __all__ = ["At", "at"]
 
@@ -38,7 +38,9 @@ class At(Invertible):
     def __init__(self, index: int, fn: Invertible) -> None:
         self.index = index
         self.fn = fn
-        super().__init__(self._forward, self._backward, ladj=fn._ladj, name=f"at({index}, {fn._name})", wraps=False)
+        super().__init__(
+            self._forward, self._backward, ladj=fn._ladj, name=f"at({index}, {fn._name})", wraps=False
+        )
         self._arity = None
         self._flat: list[Invertible] | None = None
 
@@ -69,7 +71,7 @@ class At(Invertible):
 
     def _apply(self, fn: Invertible, k: int, args: Sequence[Any]) -> Any:
         i = self.index
-        if not 0 <= i or i + k > len(args):
+        if i + k > len(args):
             raise TypeError(
                 f"invfunc.{self._name}: acts on {k} tensor(s) from position {i}, but was given "
                 f"{len(args)} tensor(s); at(index, fn) needs index + fn's data count <= the tensors given."
