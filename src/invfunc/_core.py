@@ -290,13 +290,17 @@ class Invertible:
         """The inverse, itself an :class:`Invertible` whose inverse is ``self``: it takes the
         function's outputs and the same trailing parameters."""
         if self._inverse is None:
-            inv = Invertible(
+            inv = self._inverse_type()(
                 self._inv, self._fn, name=f"inverse({self._name})", ladj=self._ladj, _counts=self._counts
             )
             inv._is_inverse = not self._is_inverse
             inv._inverse = self
             self._inverse = inv
         return self._inverse
+
+    def _inverse_type(self) -> type[Invertible]:
+        """The type of :attr:`inverse` (an op's inverse reads what the op reads)."""
+        return Invertible
 
     def __repr__(self) -> str:
         return f"Invertible({self._name})"

@@ -95,16 +95,8 @@ class OwnParameters(Invertible):
         state.release_output()
         return [g_x if needs[0] else None] + [g if n else None for g, n in zip(g_params, needs[1:])]
 
-    @property
-    def inverse(self) -> Invertible:
-        if self._inverse is None:
-            inv = OwnParameters(
-                self._inv, self._fn, name=f"inverse({self._name})", ladj=self._ladj, _counts=self._counts
-            )
-            inv._is_inverse = not self._is_inverse
-            inv._inverse = self
-            self._inverse = inv
-        return self._inverse
+    def _inverse_type(self) -> type[Invertible]:
+        return OwnParameters
 
 
 def make_op(
