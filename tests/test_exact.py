@@ -184,3 +184,14 @@ def test_a_recorded_exact_coupling_keeps_no_choices() -> None:
         y = inv.invertible_call(block, x * 1.0)
         y.sum().backward()
     assert report.freed and not report.choices and not report.diverged
+
+
+def test_torch_func_grad_is_bitwise_too() -> None:
+    blocks, _ = _net(6, torch.float64)
+    net = inv.chain(*blocks)
+    x = torch.randn(3, 8, dtype=torch.float64)
+
+    def f(v: torch.Tensor, call: bool) -> torch.Tensor:
+        return _loss(inv.invertible_call(net, v * 1.0) if call else net(v * 1.0))
+
+    assert torch.equal(torch.func.grad(f)(x, True), torch.func.grad(f)(x, False))
