@@ -6,25 +6,31 @@ random place, size and brightness, and a little noise. They are dequantized with
 noise, and the loss is the negative log-likelihood of the discrete images in bits per
 dimension, as Glow reports it.
 
-The flow is Glow's architecture at two scales: ``squeeze(2)`` then ``depth`` steps of
-``actnorm -> conv1x1 (LU) -> affine_coupling`` (a small conv net, its last conv zero
-initialised so each coupling starts as the identity), then ``squeeze(2)`` and ``depth``
-steps again. Glow also *factors out* half of the channels after each scale (they become
-latents and skip the later steps); invfunc has no combinator for that yet (a chain hands
-every output to the next block), so this flow does not: every channel goes through both
-scales, and the output, all the latents, is ``(B, 16, 4, 4)`` at the last scale.
+The flow is Glow's multi-scale architecture, factor-out included, at two scales:
+``squeeze(2)`` then ``depth`` steps of ``actnorm -> conv1x1 (LU) -> affine_coupling`` (a
+small conv net, its last conv zero initialised so each coupling starts as the identity)
+on ``(B, 4, 8, 8)``; then ``ops.split()`` halves the channels and ``invfunc.at(1, rest)``
+runs the rest of the flow, ``squeeze(2)`` and ``depth`` steps on ``(B, 8, 4, 4)``, on the
+second half, while the first, a finished latent ``(B, 2, 8, 8)``, passes through. The
+flow returns ``(z1, z2, ladj)``: the likelihood is the standard normal's on every latent
+plus the log-det, and sampling draws each latent at its own shape and runs
+``flow.inverse(z1, z2)``. ``build(scales=3)`` factors out once more, as Glow does at
+larger sizes.
 
 The same flow trains under plain autograd and under ``invfunc.invertible_call`` from the
 same seed. Every block's input is freed after the forward and rebuilt by the inverse in
 backward, except, for now, the batch itself (named in ``free=[x]``): the first squeeze
 reads nothing that requires grad, so invfunc runs it as a plain call and keeps its input.
-In float32 the two bits/dim curves start equal to round-off and drift apart slowly as
-training amplifies it (~5e-3 after 300 steps); in float64 (``--float64``) they agree to
-~1e-13. Samples come from the inverse flow, run memory-efficiently too
-(``invertible_call(flow.inverse, z)``).
+``at`` runs its chain block by block, so memory stays flat in depth there too; ``z1``,
+passed through those blocks, is kept once. In float32 the two bits/dim curves start
+equal to round-off (1e-6 over the first 30 steps) and drift apart slowly as training
+amplifies it (1e-5 to 5e-5 over 50 steps, as the thread count sets the round-off; 2e-3
+over 300); in float64 (``--float64``) they agree to 1.8e-15. Samples come from the
+inverse flow, run memory-efficiently too (``invertible_call(flow.inverse, z1, z2)``).
 
-    python examples/glow_images.py                       # trains both ways, writes glow_samples.png
-    python examples/glow_images.py --float64 --steps 50  # the curves agree to ~1e-13
+    python examples/glow_images.py                       # 4.331 -> 2.81 bits/dim in 300 steps
+    python examples/glow_images.py --steps 50            # 4.331 -> 3.249; curves agree to 1.3e-5
+    python examples/glow_images.py --float64 --steps 30  # 4.503 -> 3.403; curves agree to 1.8e-15
 """
 
 from __future__ import annotations
@@ -82,27 +88,48 @@ def conv_net(c_in: int, c_out: int, hidden: int) -> nn.Module:
     )
 
 
-def build(channels: int = 1, depth: int = 4, hidden: int = 32, scales: int = 2) -> inv.Invertible:
-    """``scales`` x [squeeze(2), ``depth`` x (actnorm, conv1x1, affine coupling)], with no
-    factor-out (see the module docstring)."""
+def flow_steps(c: int, depth: int, hidden: int) -> list[inv.Invertible]:
+    """``depth`` flow steps on ``c`` channels: actnorm, conv1x1 (LU), affine coupling."""
     blocks: list[inv.Invertible] = []
-    c = channels
-    for _ in range(scales):
-        blocks.append(ops.squeeze(2))
-        c *= 4
-        half = c // 2
-        for _ in range(depth):
-            net = conv_net(half, 2 * (c - half), hidden)
-            blocks += [ops.actnorm(c), ops.conv1x1(c), ops.affine_coupling(net)]
+    for _ in range(depth):
+        net = conv_net(c // 2, 2 * (c - c // 2), hidden)
+        blocks += [ops.actnorm(c), ops.conv1x1(c), ops.affine_coupling(net)]
+    return blocks
+
+
+def build(channels: int = 1, depth: int = 4, hidden: int = 32, scales: int = 2) -> inv.Invertible:
+    """Glow's multi-scale flow: ``scales`` x [squeeze(2), ``depth`` steps], and after each
+    scale but the last, ``split()`` then ``at(1, <the next scales>)``: the first half of
+    the channels is a finished latent, and the rest of the flow acts on the second half.
+    It returns ``(*latents, ladj)``, the latents in the order they were factored out."""
+    c = 4 * channels
+    blocks: list[inv.Invertible] = [ops.squeeze(2), *flow_steps(c, depth, hidden)]
+    if scales > 1:
+        rest = build(c - c // 2, depth, hidden, scales - 1)
+        blocks += [ops.split(), inv.at(1, rest)]
     return inv.chain(*blocks)
+
+
+def latent_shapes(size: int = 16, channels: int = 1, scales: int = 2) -> list[tuple[int, int, int]]:
+    """The shapes ``(C, H, W)`` of the latents that :func:`build` makes of a ``channels x
+    size x size`` image: half of the channels at each scale but the last, all at the last."""
+    shapes = []
+    c, s = channels, size
+    for scale in range(scales):
+        c, s = 4 * c, s // 2
+        if scale < scales - 1:
+            shapes.append((c // 2, s, s))
+            c -= c // 2
+    return [*shapes, (c, s, s)]
 
 
 def bits_per_dim(flow: inv.Invertible, x: torch.Tensor, mode: str) -> torch.Tensor:
     """The negative log-likelihood of the discrete images behind the dequantized ``x``, in
-    bits per dimension: ``(-log p(x) + D log N_BINS) / (D log 2)``, under ``invertible_call``."""
-    z, ladj = inv.invertible_call(flow, x, mode=mode, free=[x])  # x: a batch we need not keep
+    bits per dimension: ``(-log p(x) + D log N_BINS) / (D log 2)``, under ``invertible_call``;
+    ``log p(x)`` is the log-det plus the standard normal's log-density of every latent."""
+    *zs, ladj = inv.invertible_call(flow, x, mode=mode, free=[x])  # x: a batch we need not keep
     dims = x[0].numel()
-    log_pz = -0.5 * (z.square() + math.log(2 * math.pi)).flatten(1).sum(1)
+    log_pz = sum(-0.5 * (z.square() + math.log(2 * math.pi)).flatten(1).sum(1) for z in zs)
     nll = -(log_pz + ladj) + dims * math.log(N_BINS)
     return nll.mean() / (dims * math.log(2))
 
@@ -116,11 +143,12 @@ def train(
     size: int = 16,
     lr: float = 2e-3,
     seed: int = 0,
+    scales: int = 2,
 ) -> tuple[inv.Invertible, list[float]]:
     """Train a fresh flow under ``mode`` ("plain" or "invertible") on fresh batches of
     images; return it and its bits/dim per step."""
     torch.manual_seed(seed)
-    flow = build(depth=depth, hidden=hidden)
+    flow = build(depth=depth, hidden=hidden, scales=scales)
     model = inv.as_module(flow)
     data = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -139,22 +167,32 @@ def train(
 
 @torch.no_grad()
 def sample(
-    flow: inv.Invertible, n: int, size: int = 16, temperature: float = 0.8, seed: int = 0
+    flow: inv.Invertible,
+    n: int,
+    size: int = 16,
+    temperature: float = 0.8,
+    seed: int = 0,
+    scales: int = 2,
 ) -> torch.Tensor:
-    """``n`` images in ``[0, 1]`` from the inverse flow, at a reduced temperature
-    (Glow's trick: ``z ~ N(0, T^2 I)`` with ``T < 1`` gives cleaner images)."""
-    z = temperature * torch.randn(n, 16, size // 4, size // 4, generator=torch.Generator().manual_seed(seed))
-    x, _ = inv.invertible_call(flow.inverse, z.to(torch.get_default_dtype()))
+    """``n`` images in ``[0, 1]`` from the inverse flow (built with ``scales``), at a reduced
+    temperature (Glow's trick: every latent ``z ~ N(0, T^2 I)`` with ``T < 1`` gives
+    cleaner images)."""
+    generator = torch.Generator().manual_seed(seed)
+    zs = [
+        temperature * torch.randn(n, *shape, generator=generator) for shape in latent_shapes(size, 1, scales)
+    ]
+    x, _ = inv.invertible_call(flow.inverse, *(z.to(torch.get_default_dtype()) for z in zs))
     return (x + 0.5).clamp(0, 1)
 
 
 @torch.no_grad()
 def round_trip_error(flow: inv.Invertible, size: int = 16) -> float:
-    """The largest error of ``flow.inverse(flow(x))`` on a batch of dequantized images."""
+    """The largest error of ``flow.inverse(*latents)`` against the ``x`` whose latents
+    ``flow(x)`` gave, on a batch of dequantized images."""
     data = torch.Generator().manual_seed(99)
     x = dequantize(images(64, data, size), data)
-    z, _ = flow(x)
-    back, _ = flow.inverse(z)
+    *zs, _ = flow(x)
+    back, _ = flow.inverse(*zs)
     return (back - x).abs().max().item()
 
 
@@ -196,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--depth", type=int, default=4, help="flow steps per scale")
     parser.add_argument("--hidden", type=int, default=32, help="channels of the coupling nets")
-    parser.add_argument("--float64", action="store_true", help="train in float64 (curves agree to ~1e-13)")
+    parser.add_argument("--float64", action="store_true", help="train in float64 (curves agree to ~1e-15)")
     parser.add_argument("--plot", type=Path, default=Path("glow_samples.png"))
     args = parser.parse_args(argv)
     if args.float64:

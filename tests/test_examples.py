@@ -73,9 +73,25 @@ def test_glow_curves_agree_in_float64(glow, float64):
     assert_same_curves(plain, invertible)
     assert all(math.isfinite(v) for v in plain)
     assert sum(plain[-3:]) < sum(plain[:3])  # bits/dim falls
-    z, ladj = flow(glow.dequantize(glow.images(4, torch.Generator().manual_seed(0), 16), torch.Generator()))
-    assert z.shape == (4, 16, 4, 4) and ladj.shape == (4,)  # two scales, no factor-out
+    *zs, ladj = flow(glow.dequantize(glow.images(4, torch.Generator().manual_seed(0), 16), torch.Generator()))
+    # two scales, half of the channels factored out after the first
+    assert [tuple(z.shape) for z in zs] == [(4, 2, 8, 8), (4, 8, 4, 4)] and ladj.shape == (4,)
+    assert [z.shape[1:] for z in zs] == glow.latent_shapes(16)
     assert glow.round_trip_error(flow) < 1e-10
+
+
+def test_glow_three_scales_factor_out_twice(glow, float64):
+    kwargs = dict(steps=6, batch=16, depth=1, hidden=8, size=8, lr=5e-3, scales=3)
+    _, plain = glow.train("plain", **kwargs)
+    flow, invertible = glow.train("invertible", **kwargs)
+    assert_same_curves(plain, invertible)
+    assert plain[-1] < plain[0]
+    x = glow.dequantize(glow.images(4, torch.Generator().manual_seed(0), 8), torch.Generator())
+    *zs, ladj = flow(x)
+    assert [z.shape[1:] for z in zs] == glow.latent_shapes(8, scales=3) == [(2, 4, 4), (4, 2, 2), (16, 1, 1)]
+    back, ladj_inv = flow.inverse(*zs)
+    assert (back - x).abs().max() < 1e-10 and (ladj + ladj_inv).abs().max() < 1e-10
+    assert glow.sample(flow, 3, size=8, scales=3).shape == (3, 1, 8, 8)
 
 
 def test_glow_data_and_samples(glow):

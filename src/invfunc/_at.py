@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ._chain import with_ladj
+from ._chain import Chain, with_ladj
 from ._core import Invertible, _name, split_ladj
 
 __all__ = ["At", "at"]
@@ -39,10 +39,13 @@ class At(Invertible):
         self.index = index
         self.fn = fn
         super().__init__(
-            self._forward, self._backward, ladj=fn._ladj, name=f"at({index}, {fn._name})", wraps=False
+            self._forward, self._inverse_fn, ladj=fn._ladj, name=f"at({index}, {fn._name})", wraps=False
         )
         self._arity = None
         self._flat: list[Invertible] | None = None
+
+    def _inverse_fn(self, *args: Any) -> Any:
+        return self.inverse(*args)
 
     @property
     def n_inputs(self) -> int | None:
@@ -69,39 +72,37 @@ class At(Invertible):
     def _learn(self, args: Sequence[Any], out: Any, n_data: int | None = None) -> None:
         pass  # its fn learns, as it runs
 
-    def _apply(self, fn: Invertible, k: int, args: Sequence[Any]) -> Any:
-        i = self.index
-        if i + k > len(args):
+    def span(self, n: int) -> tuple[int, int]:
+        """``(index, count)`` of the tensors ``fn`` takes out of ``n`` (rule 2)."""
+        i, fn = self.index, self.fn
+        k = n - i if isinstance(fn, At) else fn.n_inputs
+        if k is None:
+            if fn._is_inverse or (isinstance(fn, Chain) and fn.blocks[0]._is_inverse):
+                raise TypeError(
+                    f"invfunc.{self._name}: cannot tell how many of the {n} tensors {fn._name} takes: "
+                    "it is an inverse whose function has not been called yet and does not declare its "
+                    "outputs; declare invfunc.invertible(..., n_outputs=k), or call the forward first."
+                )
+            k = 1  # a coupling without n_inputs=: one tensor
+        if i + k > n:
             raise TypeError(
                 f"invfunc.{self._name}: acts on {k} tensor(s) from position {i}, but was given "
-                f"{len(args)} tensor(s); at(index, fn) needs index + fn's data count <= the tensors given."
+                f"{n} tensor(s); at(index, fn) needs index + fn's data count <= the tensors given."
             )
-        out = fn(*args[i : i + k])
-        ladj = None
-        if fn._ladj is True:
-            out, ladj = split_ladj(out)
-        outs = (*args[:i], *(out if isinstance(out, tuple) else (out,)), *args[i + k :])
-        got: Any = outs[0] if len(outs) == 1 else outs
-        return with_ladj(got, ladj) if ladj is not None else got
+        return i, k
 
     def _forward(self, *args: Any) -> Any:
-        k = len(args) - self.index if isinstance(self.fn, At) else self.fn.n_inputs or 1
-        return self._apply(self.fn, k, args)
-
-    def _backward(self, *args: Any) -> Any:
-        k = len(args) - self.index if isinstance(self.fn, At) else self.fn.n_outputs
-        if k is None:
-            raise TypeError(
-                f"invfunc.inverse({self._name}): cannot tell how many of the {len(args)} tensors are "
-                f"{self.fn._name}'s outputs: it has not been called yet and does not declare them; "
-                "declare invfunc.invertible(..., n_outputs=k), or call the forward first."
-            )
-        return self._apply(self.fn.inverse, k, args)
+        i, k = self.span(len(args))
+        out = self.fn(*args[i : i + k])
+        ladj = None
+        if self.fn._ladj is True:
+            out, ladj = split_ladj(out)
+        return join(args, i, k, out, ladj)
 
     @property
     def inverse(self) -> Invertible:
         if self._inverse is None:
-            inv = _AtInverse(self)
+            inv = At(self.index, self.fn.inverse)
             inv._inverse = self
             self._inverse = inv
         return self._inverse
@@ -115,23 +116,12 @@ class At(Invertible):
         return list(self._flat)
 
 
-class _AtInverse(At):
-    """The inverse of ``at(i, fn)``: ``fn.inverse`` at ``i`` (NOTE [Acting at a position])."""
-
-    def __init__(self, of: At) -> None:
-        super().__init__(of.index, of.fn.inverse)
-        self._of = of
-        self._name = f"inverse({of._name})"
-
-    def _forward(self, *args: Any) -> Any:
-        return self._of._backward(*args)
-
-    def _backward(self, *args: Any) -> Any:
-        return self._of._forward(*args)
-
-    def _flatten(self) -> list[Invertible]:
-        blocks = self._of._flatten()
-        return [self] if len(blocks) == 1 else [b.inverse for b in reversed(blocks)]
+def join(args: Sequence[Any], i: int, k: int, out: Any, ladj: Any) -> Any:
+    """``args`` with ``args[i:i + k]`` replaced by ``out`` (a tensor or a tuple), followed
+    by ``ladj`` when there is one."""
+    outs = (*args[:i], *(out if isinstance(out, tuple) else (out,)), *args[i + k :])
+    got: Any = outs[0] if len(outs) == 1 else outs
+    return with_ladj(got, ladj) if ladj is not None else got
 
 
 def at(index: int, fn: Invertible) -> Invertible:
