@@ -1,5 +1,5 @@
 """Sessions: tests, tests-oldest, tests-matrix, doctests, lint, typecheck, docs, demo, bench,
-bench-flows.
+bench-flows, bench-plan.
 
 Torch comes from ``$INVFUNC_TORCH`` (default: ``torch``). On machines whose pip sees a
 local CPU wheel, pin it, e.g. ``INVFUNC_TORCH=torch==2.13.0 nox -s tests``.
@@ -112,6 +112,14 @@ def bench_flows(session: nox.Session) -> None:
     session.install(*FLOW_PEERS)
     session.install("matplotlib")
     session.run("python", "benchmarks/flows.py", *session.posargs)
+
+
+@nox.session(name="bench-plan")
+def bench_plan(session: nox.Session) -> None:
+    """The planning benchmark: invfunc.plan on a mixed network against the uniform policies."""
+    _install(session)
+    session.install("tqdm")
+    session.run("python", "benchmarks/plan.py", *session.posargs)
 
 
 @nox.session

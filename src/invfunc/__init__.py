@@ -15,6 +15,7 @@ from ._errors import FreedTensorError, InvertibilityWarning, InvfuncError
 from ._explain import explain
 from ._modes import MODES, current_mode, mode
 from ._module import InvertibleModule, as_module
+from ._plan import Plan, plan
 from ._verify import verify
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "Invertible",
     "InvertibleModule",
     "InvfuncError",
+    "Plan",
     "as_module",
     "at",
     "chain",
@@ -37,6 +39,7 @@ __all__ = [
     "invertible",
     "invertible_call",
     "mode",
+    "plan",
     "verify",
 ]
 

@@ -16,6 +16,7 @@ from ._errors import InvertibilityWarning
 from ._explain import _reports
 from ._halves import _Halves, pairs_inside
 from ._modes import check_mode, current_mode
+from ._plan import Plan
 from ._replay import AutocastState
 from ._state import replaying
 from ._verify import check_policy, current_policy
@@ -45,11 +46,13 @@ def invertible_call(
     replays. With grad disabled, or nothing requiring grad, it is a plain call.
 
     Args:
-        fn: an :class:`Invertible`.
+        fn: an :class:`Invertible`, or a :class:`Plan` (see :func:`invfunc.plan`),
+            whose blocks each run in their own mode.
         *args: its data inputs followed by its parameters.
         mode: ``"invertible"`` (free inputs, rebuild them), ``"checkpoint"`` (keep
             inputs, recompute intermediates) or ``"plain"`` (ordinary autograd).
-            Default: the ambient :func:`invfunc.mode`, else ``"invertible"``.
+            Default: the ambient :func:`invfunc.mode`, else ``"invertible"``. Not with
+            a plan, whose modes take precedence over the ambient mode.
         keep: inputs never freed, as positions in ``args`` or as the tensors.
         free: leaf inputs (user data, such as a batch from a data loader) that may be
             freed like intermediates, as positions in ``args`` or as the tensors. Leaves
@@ -117,11 +120,14 @@ def _call(
             f"({type(fn).__name__}); wrap it with invfunc.invertible(fn, inverse=...) or build it "
             "with invfunc.couple / invfunc.chain."
         )
-    run_mode = (
-        current_mode()
-        if mode is None
-        else check_mode(mode, f"invfunc.invertible_call({fn._name}, ..., mode=...)")
-    )
+    if isinstance(fn, Plan):  # a mode per block: NOTE [A mode per block]
+        run_mode = fn.call_mode(mode)
+    else:
+        run_mode = (
+            current_mode()
+            if mode is None
+            else check_mode(mode, f"invfunc.invertible_call({fn._name}, ..., mode=...)")
+        )
     if not args:
         raise TypeError(f"invfunc.invertible_call({fn._name}, *args): no inputs given.")
     fn._check_arity(args, "invertible_call")
@@ -170,7 +176,12 @@ def _call(
 
     autocast = AutocastState()
     blocks, out, extras = fn._plan(args)
-    if not any(
+    modes = fn.block_modes() if isinstance(fn, Plan) else None  # None: every block in run_mode
+
+    def mode_of(k: int) -> str:  # (an "invertible" block of a plan runs in run_mode: rule 4)
+        return run_mode if modes is None or modes[k] == "invertible" else modes[k]
+
+    if modes is None and not any(
         free_leaf(i, a) and not a.requires_grad for i, a in enumerate(out) if isinstance(a, torch.Tensor)
     ):
         # (a split block first would read nothing that requires grad: a plain call, which
@@ -189,19 +200,24 @@ def _call(
         if extras[k]:
             cur = (*cur, *extras[k])
         label = labels[k]
-        out, single, state = apply_block(
-            block,
-            cur,
-            mode=run_mode,
-            guard=k == 0,
-            keep=keep_input if k == 0 else keep_none,
-            autocast=autocast,
-            leaves=None if k == 0 else inner_leaf,
-            previous=state,
-            policy=policy,
-            label=label,
-            lend=None if run_mode != "invertible" else lend_first if k == 0 else inner_leaf,
-        )
+        if mode_of(k) == "plain":  # ordinary autograd, inside the loop
+            res = block(*cur)
+            single = isinstance(res, torch.Tensor)
+            out, state = (res,) if single else res, None
+        else:
+            out, single, state = apply_block(
+                block,
+                cur,
+                mode=mode_of(k),
+                guard=k == 0,
+                keep=keep_input if k == 0 else keep_none,
+                autocast=autocast,
+                leaves=None if k == 0 else inner_leaf,
+                previous=state,
+                policy=policy,
+                label=label,
+                lend=None if run_mode != "invertible" else lend_first if k == 0 else inner_leaf,
+            )
         if k == 0:
             first = state  # the block that received the caller's inputs
         if single:
@@ -210,10 +226,12 @@ def _call(
             out, ladj = split_ladj(out)
             single = isinstance(out, torch.Tensor)
             total = ladj if total is None else total + ladj
-    if run_mode == "invertible" and first is not None:
+    if mode_of(0) == "invertible" and first is not None:
         free_call_inputs(first, args, keep_input, free_leaf)  # inputs are the leading arguments
+    elif mode_of(0) == "plain":
+        _kept_whole_call(fn, "the plan runs its first block in mode 'plain' (ordinary autograd)")
     elif run_mode == asked:  # (a call kept whole for a reason of its own reported it already)
-        report_kept(labels[0], args[: fn._n_data(args)], run_mode, keep_input, free_leaf)
+        report_kept(labels[0], args[: fn._n_data(args)], mode_of(0), keep_input, free_leaf)
     return with_ladj(out, total) if fn._ladj is True else out
 
 
