@@ -111,3 +111,25 @@ def test_errors_name_the_block_and_the_fix() -> None:
         inv.chain(inv.at(0, double), inv.invertible(lambda x, w: x * w, inverse=lambda y, w: y / w))(
             torch.ones(1), torch.ones(1)
         )
+
+
+def test_a_block_inside_at_keeps_its_own_backward() -> None:
+    """NOTE [Acting at a position], rule 5: past the first block, ``at`` is unwrapped, so an
+    affine coupling inside it evaluates its net once in backward, and the pass-through
+    tensor is not copied or kept by the blocks it passes."""
+    calls = [0]
+    conv = _net(2, 4)
+
+    def net(h: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return conv(h)  # type: ignore[no-any-return]
+
+    flow = inv.chain(ops.split(), inv.at(1, inv.chain(ops.actnorm(4), ops.affine_coupling(net))))
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    flow(x.detach())
+    with inv.explain() as report:
+        z1, z2, ladj = inv.invertible_call(flow, x * 1.0)
+    assert len(report.freed) == 3 and not report.kept  # the split's input, actnorm's, the coupling's
+    calls[0] = 0
+    (z1.sum() + z2.square().sum() - ladj.sum()).backward()
+    assert calls[0] == 1

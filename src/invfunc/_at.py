@@ -29,10 +29,13 @@ class At(Invertible):
        inside it too, and a block that splits (``ops.split()``) leaves its first output
        at ``i``, where the next block acts.
     4. The log-det is ``fn``'s (the pass-through preserves volume).
-    5. The passed-through tensors are outputs that are inputs: the engine keeps them (one
-       copy, shared by every block they pass), and the block is a generic one: its
-       backward runs ``fn``'s inverse, then ``fn`` (a coupling's single evaluation of F
-       and G, or the affine coupling's of its net, is not used through ``at``).
+    5. Under :func:`invfunc.invertible_call`, an ``at`` block of a chain (past the first,
+       which receives the caller's tensors) is unwrapped: ``fn`` runs as the engine's
+       block on its own tensors, with its own backward (a coupling's single evaluation of
+       F and G, an op's closed form), and the others go round it, untouched. Called as a
+       block of its own (first, or alone), ``at`` is a generic block whose outputs include
+       its inputs: the engine keeps those, and its backward runs ``fn``'s inverse, then
+       ``fn``.
     """
 
     def __init__(self, index: int, fn: Invertible) -> None:
@@ -98,6 +101,20 @@ class At(Invertible):
         if self.fn._ladj is True:
             out, ladj = split_ladj(out)
         return join(args, i, k, out, ladj)
+
+    def unwrap(
+        self, args: tuple[Any, ...]
+    ) -> tuple[tuple[Any, ...], Invertible, tuple[Any, ...], tuple[Any, ...]]:
+        """``(before, fn, fn's tensors, after)`` for a call on ``args``, through nested
+        ``at`` (rule 5)."""
+        block: Invertible = self
+        pre: tuple[Any, ...] = ()
+        post: tuple[Any, ...] = ()
+        while isinstance(block, At):
+            i, k = block.span(len(args))
+            pre, post = pre + args[:i], args[i + k :] + post
+            args, block = args[i : i + k], block.fn
+        return pre, block, args, post
 
     @property
     def inverse(self) -> Invertible:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 
 from . import _compat
+from ._at import At
 from ._apply import apply_block, free_call_inputs, report_kept
 from ._chain import with_ladj
 from ._core import Invertible, _name, split_ladj
@@ -154,7 +155,7 @@ def _call(
     if run_mode == "invertible" and policy[0] == "off":
         data = args[: fn._n_data(args)]  # the stream: trailing parameters may be of any dtype
         half = next((a.dtype for a in data if isinstance(a, torch.Tensor) and a.dtype in _HALF), None)
-        if half is not None:
+        if half is not None and not all(b._exact for b in fn._flatten()):  # (exact: no drift)
             run_mode = _half_stream(fn, half)
 
     def keep_input(i: int, t: torch.Tensor) -> bool:
@@ -200,6 +201,10 @@ def _call(
         if extras[k]:
             cur = (*cur, *extras[k])
         label = labels[k]
+        pre: tuple[Any, ...] = ()
+        post: tuple[Any, ...] = ()
+        if k > 0 and isinstance(block, At):  # NOTE [Acting at a position], rule 5
+            pre, block, cur, post = block.unwrap(cur)
         if mode_of(k) == "plain":  # ordinary autograd, inside the loop
             res = block(*cur)
             single = isinstance(res, torch.Tensor)
@@ -220,12 +225,14 @@ def _call(
             )
         if k == 0:
             first = state  # the block that received the caller's inputs
+        if block._ladj is True:  # NOTE [Log-determinants], rule 3: summed here
+            *made, ladj = out
+            out, single = tuple(made), len(made) == 1
+            total = ladj if total is None else total + ladj
+        if pre or post:
+            out, single = (*pre, *out, *post), False
         if single:
             out = out[0]
-        elif block._ladj is True:  # NOTE [Log-determinants], rule 3: summed here
-            out, ladj = split_ladj(out)
-            single = isinstance(out, torch.Tensor)
-            total = ladj if total is None else total + ladj
     if mode_of(0) == "invertible" and first is not None:
         free_call_inputs(first, args, keep_input, free_leaf)  # inputs are the leading arguments
     elif mode_of(0) == "plain":

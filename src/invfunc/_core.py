@@ -298,6 +298,12 @@ class Invertible:
             self._inverse = inv
         return self._inverse
 
+    @property
+    def _exact(self) -> bool:
+        """Whether its inverse is exact to the bit (NOTE [Exact couplings]): its stream
+        can be freed in any precision."""
+        return False
+
     def _inverse_type(self) -> type[Invertible]:
         """The type of :attr:`inverse` (an op's inverse reads what the op reads)."""
         return Invertible

@@ -75,6 +75,10 @@ class Coupling(Invertible):
     def _takes_rest(self, n_rest: int, lead: bool, where: str) -> bool:
         return self.n_in is not None  # the arguments after the data go to F and G
 
+    @property
+    def _exact(self) -> bool:
+        return self.grid is not None
+
     def _declared_data(self) -> int | None:
         return self.n_in
 
@@ -503,6 +507,10 @@ class _Variadic(Invertible):
 
     def _n_data(self, args: Sequence[Any]) -> int:
         return self._of.data_count(args)
+
+    @property
+    def _exact(self) -> bool:
+        return self._of._exact
 
 
 def _alone(t: torch.Tensor, n: int) -> bool:
