@@ -9,10 +9,10 @@ from typing import Any, Literal
 import torch
 
 from . import _compat
-from ._at import At
 from ._apply import apply_block, free_call_inputs, report_kept
+from ._at import At
 from ._chain import with_ladj
-from ._core import Invertible, _name, split_ladj
+from ._core import Invertible, _name
 from ._errors import InvertibilityWarning
 from ._explain import _reports
 from ._halves import _Halves, pairs_inside
