@@ -1,5 +1,5 @@
 """Sessions: tests, tests-oldest, tests-matrix, doctests, lint, typecheck, docs, demo, bench,
-bench-flows, bench-plan.
+bench-flows, bench-plan, bench-exact.
 
 Torch comes from ``$INVFUNC_TORCH`` (default: ``torch``). On machines whose pip sees a
 local CPU wheel, pin it, e.g. ``INVFUNC_TORCH=torch==2.13.0 nox -s tests``.
@@ -120,6 +120,14 @@ def bench_plan(session: nox.Session) -> None:
     _install(session)
     session.install("tqdm")
     session.run("python", "benchmarks/plan.py", *session.posargs)
+
+
+@nox.session(name="bench-exact")
+def bench_exact(session: nox.Session) -> None:
+    """Exact couplings: drift by depth against float couplings, and a training run."""
+    _install(session)
+    session.install("matplotlib", "tqdm")
+    session.run("python", "benchmarks/exact.py", *session.posargs)
 
 
 @nox.session

@@ -66,6 +66,7 @@ CONFIGS = (
     "invfunc-input-kept",
     "invfunc-per-block-pairs",
     "invfunc-generic",
+    "invfunc-exact",
 )
 
 #: Peer configurations: the module to import and the version BENCHMARK.md measured.
@@ -82,6 +83,7 @@ LABELS = {
     "invfunc-input-kept": "invfunc (one call, input kept)",
     "invfunc-per-block-pairs": "invfunc (call per block on pairs, input kept)",
     "invfunc-generic": "invfunc (one call, blocks written as generic invertibles)",
+    "invfunc-exact": "invfunc (one call, exact couplings)",
 }
 
 #: Per workload: what it is, its default sizes and what ``--hidden`` means there.

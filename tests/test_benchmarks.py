@@ -27,6 +27,18 @@ def run():
 
 
 @pytest.fixture(scope="module")
+def exact():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_exact", BENCH / "exact.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
 def flows():
     sys.path.insert(0, str(BENCH))
     try:
@@ -100,3 +112,21 @@ def test_flows_peers_compute_the_same_nll_and_gradients(flows, config: str) -> N
 
     for got, want in zip(step(config), step("plain")):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_exact_drift_is_zero_for_exact_couplings_and_writes_its_report(exact, tmp_path: Path) -> None:
+    tiny = ["--depths", "1", "4", "--seeds", "2", "--train-steps", "3", "--train-batch", "16"]
+    assert exact.main([*tiny, "--train-blocks", "2", "--train-width", "4", "--out", str(tmp_path)]) == 0
+    blob = json.loads((tmp_path / "exact.json").read_text())
+    rows = {(r["variant"], r["depth"]): r for r in blob["drift"]}
+    assert set(rows) == {(v, d) for v in exact.VARIANTS for d in (1, 4)}
+    for (variant, _), r in rows.items():
+        assert r["ok"] == 2 and r["freed"]
+        if exact.VARIANTS[variant][1]:  # exact: zero everywhere, bitwise on every seed
+            assert r["bitwise"] == 2 and all(r[k] == 0 for k in ("rebuilt", "roundtrip", "grad_plain"))
+    assert rows["float", 4]["rebuilt"] > 0  # a float coupling drifts
+    runs = blob["training"]["runs"]
+    assert runs["exact invertible_call"]["bitwise_plain"] and len(runs["exact plain"]["losses"]) == 3
+    assert "| float32, couple(F, G, exact=True)" in (tmp_path / "exact.md").read_text()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "exact.png").stat().st_size > 10_000

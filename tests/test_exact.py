@@ -105,6 +105,11 @@ def test_bf16_autocast_inside_f_and_g_with_a_float32_stream() -> None:
         y_got, got = _grads("one call", blocks, x, params, "backward")
     assert y_got.dtype == torch.float32
     assert torch.equal(y_got, y_want)
+    # F's output lands on the float32 stream's grid (2^-16), not on bfloat16's (2^-3)
+    xq = _on_grid(x.detach(), 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        f = blocks[0](xq)[:, :8] - xq[:, :8]
+    assert torch.equal(f, _on_grid(f, 16)) and not torch.equal(f, _on_grid(f, 3))
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 

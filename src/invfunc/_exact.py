@@ -14,7 +14,8 @@ NOTE [Exact couplings]
    model and :func:`invfunc.invertible_call` of it differentiate the same arithmetic, and
    with deterministic F and G (the same kernels on the same values) their gradients are
    bitwise equal.
-4. The grid comes from the stream's dtype (:data:`GRIDS`): float32 ``2^-16`` (values
+4. The grid comes from the stream's dtype (:data:`GRIDS`; F's and G's outputs are cast
+   to it first, as the addition would: under autocast they may be bfloat16): float32 ``2^-16`` (values
    below 256 in magnitude), float64 ``2^-32`` (below ``2^21``), bfloat16 ``2^-3`` (below
    32), float16 ``2^-6`` (below 32). ``exact=R`` declares the largest magnitude instead:
    the grid is the finest that holds ``R``. A value at or past the range (or not finite)
@@ -125,6 +126,8 @@ class Grid:
             out = fn(x, *rest)
             if not isinstance(out, torch.Tensor):
                 return out  # (the coupling's own check names what was wrong)
+            if out.dtype != x.dtype and out.is_floating_point() and x.is_floating_point():
+                out = out.to(x.dtype)  # under autocast: onto the stream's grid, not bfloat16's
             return self.round(out, f"{which}'s output")
 
         return on_grid

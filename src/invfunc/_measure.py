@@ -75,6 +75,7 @@ CONFIGS = (
     "invfunc-input-kept",
     "invfunc-per-block-pairs",
     "invfunc-generic",
+    "invfunc-exact",
 )
 
 _MiB = 1024.0 * 1024.0
@@ -341,7 +342,9 @@ def coupled_model(
             batch split into two views, kept, and the output halves joined at the end) or
             ``"invfunc-generic"`` (as ``"invfunc"``, each block written as a generic
             :func:`invfunc.invertible` with its inverse, as a user writes a block that
-            :func:`invfunc.couple` does not cover: the engine's general backward).
+            :func:`invfunc.couple` does not cover: the engine's general backward) or
+            ``"invfunc-exact"`` (as ``"invfunc"``, each block ``couple(F, G, exact=True)``:
+            NOTE [Exact couplings]; the same model up to its grid, ``2^-16`` in float32).
         pairs: the ``(F, G)`` of each block, in order.
         dim: the dimension the input is split along.
 
@@ -353,7 +356,7 @@ def coupled_model(
         >>> pairs = mlp_pairs(3, 4)
         >>> x = torch.randn(2, 8)
         >>> ref = coupled_model("plain", pairs)(x)
-        >>> all(torch.allclose(coupled_model(c, pairs)(x), ref) for c in CONFIGS)
+        >>> all(torch.allclose(coupled_model(c, pairs)(x), ref, atol=2**-14) for c in CONFIGS)
         True
     """
     plain = [_Coupling(F, G, dim) for F, G in pairs]
@@ -367,10 +370,10 @@ def coupled_model(
             return x
 
         return checkpointed
-    blocks = [couple(F, G, dim=dim) for F, G in pairs]
+    blocks = [couple(F, G, dim=dim, exact=config == "invfunc-exact") for F, G in pairs]
     if config == "invfunc-generic":
         blocks = [_generic_coupling(F, G, dim) for F, G in pairs]
-    if config in ("invfunc", "invfunc-input-kept", "invfunc-generic"):
+    if config in ("invfunc", "invfunc-input-kept", "invfunc-generic", "invfunc-exact"):
         net = chain(*blocks)
         free = [] if config == "invfunc-input-kept" else [0]
         return lambda x: invertible_call(net, x, free=free)  # type: ignore[no-any-return]
