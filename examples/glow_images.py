@@ -19,8 +19,8 @@ larger sizes.
 
 The same flow trains under plain autograd and under ``invfunc.invertible_call`` from the
 same seed. Every block's input is freed after the forward and rebuilt by the inverse in
-backward, except, for now, the batch itself (named in ``free=[x]``): the first squeeze
-reads nothing that requires grad, so invfunc runs it as a plain call and keeps its input.
+backward, the batch itself too (named in ``free=[x]``: the first squeeze, which reads no
+parameters, runs as one block with the first ActNorm, which rebuilds the batch through it).
 ``at`` runs its chain block by block, so memory stays flat in depth there too; ``z1``,
 passed through those blocks, is kept once. In float32 the two bits/dim curves start
 equal to round-off (1e-6 over the first 30 steps) and drift apart slowly as training

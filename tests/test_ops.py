@@ -392,3 +392,22 @@ def test_the_affine_coupling_backward_runs_net_once(how: str) -> None:
     got = run(True)
     assert len(got) == len(want) and all(g.abs().sum() > 0 for g in want)
     assert_all_close(got, want, **F64)
+
+
+def test_free_batch_through_a_leading_parameterless_op() -> None:
+    """NOTE [A batch freed through parameterless blocks]: squeeze first reads nothing that
+    requires grad; the batch named in free= is still freed and rebuilt, and every
+    parameter's gradient equals plain autograd's."""
+    torch.manual_seed(0)
+    flow = inv.chain(ops.squeeze(2), ops.permutation(4), ops.actnorm(4), ops.affine_coupling(_conv(2, 4)))
+    inv.as_module(flow).double()
+    x = torch.randn(3, 1, 6, 6, dtype=torch.float64)
+    flow(x)  # initialise the ActNorm
+    params = list(inv.as_module(flow).parameters())
+    want = torch.autograd.grad(loss_of(flow(x), flow), params)
+    batch = x.clone()
+    out = inv.invertible_call(flow, batch, free=[batch])
+    assert freed(batch)
+    got = torch.autograd.grad(loss_of(out, flow), params)
+    assert_all_close(got, want, **F64)
+    torch.testing.assert_close(batch, x, **F64)  # refilled with the reconstruction

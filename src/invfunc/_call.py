@@ -11,7 +11,7 @@ import torch
 from . import _compat
 from ._apply import apply_block, free_call_inputs, report_kept
 from ._at import At
-from ._chain import with_ladj
+from ._chain import Chain, with_ladj
 from ._core import Invertible, _name
 from ._errors import InvertibilityWarning
 from ._explain import _reports
@@ -188,6 +188,8 @@ def _call(
         # (a split block first would read nothing that requires grad: a plain call, which
         # could not rebuild a batch named in free=; the couplings then take it themselves)
         blocks, extras = pairs_inside(blocks, extras, out)
+    elif modes is None:
+        blocks, extras = _leading_reads(blocks, extras)
     single = False
     state = first = None
     total: torch.Tensor | None = None
@@ -243,6 +245,25 @@ def _call(
 
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def _leading_reads(
+    blocks: list[Invertible], extras: list[tuple[Any, ...]]
+) -> tuple[list[Invertible], list[tuple[Any, ...]]]:
+    """NOTE [A batch freed through parameterless blocks]: a batch named in ``free=`` needs
+    no grad, and blocks that read no parameters (``squeeze``, a permutation) run on it as
+    plain calls, which cannot rebuild it. The leading such blocks, known to read nothing
+    (NOTE [Static discovery]), are run as one block with the first block that may read
+    parameters: that block's node frees the batch and rebuilds it through them."""
+    j = 0
+    while j < len(blocks) - 1 and not extras[j]:
+        static = blocks[j]._static_sections()
+        if static is None or any(reads for reads, _ in static.values()):
+            break
+        j += 1
+    if j == 0 or extras[j]:
+        return blocks, extras
+    return [Chain(blocks[: j + 1]), *blocks[j + 1 :]], [(), *extras[j + 1 :]]
 
 
 def _half_stream(fn: Invertible, dtype: torch.dtype) -> Literal["checkpoint"]:
