@@ -68,6 +68,7 @@ def saved_bytes(root: torch.Tensor) -> int:
     bytes only (a freed storage counts 0). Parameters (leaves) are excluded.
     """
     seen_nodes: set[int] = set()
+    alive: list[object] = []  # (older torch makes a new node wrapper per access: ids get reused)
     storages: dict[int, int] = {}
     stack = [root.grad_fn]
     while stack:
@@ -75,6 +76,7 @@ def saved_bytes(root: torch.Tensor) -> int:
         if node is None or id(node) in seen_nodes:
             continue
         seen_nodes.add(id(node))
+        alive.append(node)
         tensors: list[torch.Tensor] = []
         try:
             tensors.extend(getattr(node, "saved_tensors", ()))

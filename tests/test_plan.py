@@ -36,6 +36,7 @@ def held_bytes(outputs: Sequence[torch.Tensor], exclude: Sequence[torch.Tensor],
     ``exclude``, not walking past the node ``stop`` (the caller's own graph)."""
     skip = {t.untyped_storage().data_ptr() for t in exclude}
     seen: set[int] = set()
+    alive: list[object] = []
     storages: dict[int, int] = {}
     stack = [o.grad_fn for o in outputs]
     while stack:
@@ -43,6 +44,7 @@ def held_bytes(outputs: Sequence[torch.Tensor], exclude: Sequence[torch.Tensor],
         if node is None or node is stop or id(node) in seen:
             continue
         seen.add(id(node))
+        alive.append(node)  # (older torch makes a new wrapper per access: ids get reused)
         tensors = list(getattr(node, "saved_tensors", ()))
         for name in dir(node):
             if name.startswith("_saved_"):

@@ -2,7 +2,8 @@
 
 See NOTE [Bytes kept] in ``_plan.py`` for what is counted. Every block runs alone, through
 :func:`invfunc.invertible_call`, on a leaf copy of the real output of the block before it;
-the caller's state is restored afterwards (:class:`_Snapshot`, the generators' states).
+the caller's state is restored afterwards (:class:`~invfunc._snapshot.Snapshot`, the
+generators' states).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from typing import Any, NamedTuple
 import torch
 
 from ._call import _labels, invertible_call
-from ._compat import storage_key, version
+from ._compat import storage_key
 from ._core import Invertible, split_ladj
 from ._errors import InvertibilityWarning, InvfuncError
 from ._explain import _reports
 from ._plan import INV, ORDER, BlockProfile, Input, Output
 from ._replay import RngState, cuda_devices
+from ._snapshot import Snapshot
 from ._storage import free_reason
 from ._verify import DEFAULT_RTOL
 from ._walk import walk
@@ -75,6 +77,7 @@ def saved_storages(outputs: Sequence[torch.Tensor]) -> Saved:
         ([64], [True])
     """
     seen: set[int] = set()
+    alive: list[object] = []
     storages: dict[int, int] = {}
     leaves: dict[int, torch.Tensor] = {}
     choices = 0
@@ -84,6 +87,7 @@ def saved_storages(outputs: Sequence[torch.Tensor]) -> Saved:
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
+        alive.append(node)  # (older torch makes a new wrapper per access: ids get reused)
         leaf = getattr(node, "variable", None)
         if isinstance(leaf, torch.Tensor):
             leaves[id(leaf)] = leaf
@@ -99,35 +103,6 @@ def saved_storages(outputs: Sequence[torch.Tensor]) -> Saved:
 
 def _key(t: torch.Tensor) -> int:
     return storage_key(t.untyped_storage())
-
-
-class _Snapshot:
-    """The parameters, buffers and tensors a function holds (as :func:`invfunc.as_module`
-    finds them): their storages, and copies to restore those changed in place."""
-
-    def __init__(self, fn: Invertible, extra: Sequence[object]) -> None:
-        tensors: dict[int, torch.Tensor] = {}
-        for _, obj, _ in walk(fn):
-            if isinstance(obj, torch.nn.Module):
-                for t in (*obj.parameters(), *obj.buffers()):
-                    tensors[id(t)] = t
-            else:
-                tensors[id(obj)] = obj
-        for e in extra:
-            if isinstance(e, torch.Tensor):
-                tensors[id(e)] = e
-        self.keys = {_key(t) for t in tensors.values() if t.layout == torch.strided}
-        self.saved = [
-            (t, t.detach().clone(), version(t)) for t in tensors.values() if t.layout == torch.strided
-        ]
-
-    def restore(self) -> None:
-        """Copy back what changed (BatchNorm's kernel updates its running statistics without
-        advancing their version counters: values are compared too); nothing else is written."""
-        with torch.no_grad():
-            for t, copy, v in self.saved:
-                if version(t) != v or not torch.equal(t, copy):
-                    t.copy_(copy)
 
 
 @contextmanager
@@ -157,14 +132,18 @@ def profile(fn: Invertible, args: Sequence[Any], *, repeat: int, where: str) -> 
     labels = _labels(blocks)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     devices = cuda_devices(tensors, current=True)
-    snapshot = _Snapshot(fn, [t for e in extras for t in e])
+    snapshot = Snapshot(walk(fn))
+    for t in (t for e in extras for t in e):
+        if isinstance(t, torch.Tensor):
+            snapshot.add(t)
+    held = {_key(i.tensor) for i in snapshot.items if i.tensor.layout == torch.strided}
     user = RngState(devices)
     out: list[BlockProfile] = []
     try:
         with _quiet(), torch.enable_grad():
             cur: tuple[torch.Tensor, ...] = tuple(_template(t, where) for t in data)
             for k, block in enumerate(blocks):
-                measured, cur = _block(block, cur, extras[k], labels[k], snapshot.keys, devices, repeat)
+                measured, cur = _block(block, cur, extras[k], labels[k], held, devices, repeat)
                 out.append(measured)
     finally:
         user.restore()

@@ -61,6 +61,10 @@ class Snapshot:
             else:
                 self._add(f"{path} (tensor)", None, "", obj)
 
+    def add(self, t: torch.Tensor) -> None:
+        """Save one more tensor (an argument the function is handed)."""
+        self._add("(argument)", None, "", t)
+
     def _add(self, label: str, module: torch.nn.Module | None, attr: str, t: torch.Tensor) -> None:
         if id(t) not in self.ids:
             self.ids.add(id(t))
