@@ -566,9 +566,7 @@ def replot(path: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--replot"]:
-        for name in argv[1:]:
-            print(replot(Path(name)), file=sys.stderr)
+    if R.replotted(argv, replot):
         return 0
     args = parse_args(argv)
     print(describe(args.batch, args.channels, args.size, args.hidden), file=sys.stderr)

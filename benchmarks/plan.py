@@ -425,9 +425,7 @@ def replot(path: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--replot"]:  # python benchmarks/plan.py --replot benchmarks/results/plan.json
-        for name in argv[1:]:
-            print(replot(Path(name)), file=sys.stderr)
+    if R.replotted(argv, replot):
         return 0
     args = parse_args(argv)
     args.load = [_load()]

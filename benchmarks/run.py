@@ -468,11 +468,19 @@ def replot(path: Path) -> str:
     return plot(args, blob["results"], path.with_suffix(".png"))
 
 
+def replotted(argv: Sequence[str], replot: Callable[[Path], str]) -> bool:
+    """``--replot FILE...`` (every benchmark script takes it): redraw the plots of saved
+    JSON results, no run. True when that was what ``argv`` asked."""
+    if argv[:1] != ["--replot"]:
+        return False
+    for name in argv[1:]:
+        print(replot(Path(name)), file=sys.stderr)
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--replot"]:  # python benchmarks/run.py --replot results/mlp.json ...
-        for name in argv[1:]:
-            print(replot(Path(name)), file=sys.stderr)
+    if replotted(argv, replot):  # python benchmarks/run.py --replot results/mlp.json ...
         return 0
     args = parse_args(argv)
     print(W.describe(args.workload, args.batch, args.hidden), file=sys.stderr)
