@@ -23,13 +23,14 @@ backward, the batch itself too (named in ``free=[x]``: the first squeeze, which 
 parameters, runs as one block with the first ActNorm, which rebuilds the batch through it).
 ``at`` runs its chain block by block, so memory stays flat in depth there too; ``z1``,
 passed through those blocks, is kept once. In float32 the two bits/dim curves start
-equal to round-off (1e-6 over the first 30 steps) and drift apart slowly as training
-amplifies it (1e-5 to 5e-5 over 50 steps, as the thread count sets the round-off; 2e-3
-over 300); in float64 (``--float64``) they agree to 1.8e-15. Samples come from the
-inverse flow, run memory-efficiently too (``invertible_call(flow.inverse, z1, z2)``).
+equal to round-off (7e-7 over the first 30 steps) and drift apart slowly as training
+amplifies it (2.4e-5 over 50 steps with one thread, as the thread count sets the
+round-off; 7.7e-4 over 300); in float64 (``--float64``) they agree to 1.8e-15. Samples
+come from the inverse flow, run memory-efficiently too (``invertible_call(flow.inverse,
+z1, z2)``).
 
     python examples/glow_images.py                       # 4.331 -> 2.81 bits/dim in 300 steps
-    python examples/glow_images.py --steps 50            # 4.331 -> 3.249; curves agree to 1.3e-5
+    python examples/glow_images.py --steps 50            # 4.331 -> 3.249; curves agree to 2.4e-5
     python examples/glow_images.py --float64 --steps 30  # 4.503 -> 3.403; curves agree to 1.8e-15
 """
 
@@ -127,8 +128,8 @@ def bits_per_dim(flow: inv.Invertible, x: torch.Tensor, mode: str) -> torch.Tens
     """The negative log-likelihood of the discrete images behind the dequantized ``x``, in
     bits per dimension: ``(-log p(x) + D log N_BINS) / (D log 2)``, under ``invertible_call``;
     ``log p(x)`` is the log-det plus the standard normal's log-density of every latent."""
+    dims = x[0].numel()  # (read before the call frees x: reading it after would rebuild it)
     *zs, ladj = inv.invertible_call(flow, x, mode=mode, free=[x])  # x: a batch we need not keep
-    dims = x[0].numel()
     log_pz = sum(-0.5 * (z.square() + math.log(2 * math.pi)).flatten(1).sum(1) for z in zs)
     nll = -(log_pz + ladj) + dims * math.log(N_BINS)
     return nll.mean() / (dims * math.log(2))

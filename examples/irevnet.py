@@ -12,9 +12,9 @@ additive couplings ``inv.couple(F, G)`` with small conv nets F and G, another
 global average pooling and a linear layer, is not invertible and runs outside the
 invertible call. The extractor runs as one ``invertible_call`` over the chain, the input
 batch named in ``free=[x]``: every block's input is freed after the forward and rebuilt
-by the inverse in backward. (Except, for now, ``x`` itself: the squeeze stem reads
-nothing that requires grad, so invfunc runs it as a plain call and keeps its input; the
-script prints what ``invfunc.explain`` reports.)
+by the inverse in backward, ``x`` itself too: the squeeze stem reads no parameters, so it
+runs as one block with the first coupling, which rebuilds ``x`` through it (the script
+prints what ``invfunc.explain`` reports).
 
 The same model trains under plain autograd and under ``invertible_call`` from the same
 seed. In float32 the two loss curves start equal to round-off (the rebuilt activations
@@ -132,8 +132,9 @@ def memory_report(model: IRevNet, batch: int = 64) -> str:
     with inv.explain() as report:
         model(x)
     lines = [
-        f"freed {len(report.freed)} of {len(model.flow.blocks)} block inputs "
-        f"({sum(size for _, _, size in report.freed) / 1024:.0f} KiB at batch {batch})"
+        f"freed {len(report.freed)} inputs between blocks "
+        f"({sum(size for _, _, size in report.freed) / 1024:.0f} KiB at batch {batch}), and the batch "
+        + ("itself" if x.untyped_storage().nbytes() == 0 else "not (kept)")
     ]
     lines += [f"kept the input of {call}: {reason}" for call, _, reason in report.kept]
     return "; ".join(lines)
