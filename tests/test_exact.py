@@ -200,3 +200,25 @@ def test_torch_func_grad_is_bitwise_too() -> None:
         return _loss(inv.invertible_call(net, v * 1.0) if call else net(v * 1.0))
 
     assert torch.equal(torch.func.grad(f)(x, True), torch.func.grad(f)(x, False))
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_backward_inside_its_own_autocast_region_reaches_every_parameter(exact: bool) -> None:
+    """The engine's no-grad forward must not leave graph-less casts in autocast's cache (torch
+    2.4 caches them for the region): the backward's recompute, inside the same region, would
+    read them and the parameters would get no gradient."""
+    torch.manual_seed(0)
+    blocks = [inv.couple(_mlp(8, torch.float32), _mlp(8, torch.float32), exact=exact) for _ in range(3)]
+    params = [p for b in blocks for m in (b.F, b.G) for p in m.parameters()]  # type: ignore[attr-defined]
+    x = torch.randn(4, 16)
+    got = []
+    for call in (True, False):  # invertible_call first, each in a region of its own
+        x0 = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = inv.invertible_call(inv.chain(*blocks), x0 * 1) if call else inv.chain(*blocks)(x0 * 1)
+            got.append(torch.autograd.grad(y.square().sum(), [x0, *params], allow_unused=True))
+    assert all(g is not None for g in got[0])
+    if exact:
+        assert all(torch.equal(a, b) for a, b in zip(*got))
+    else:
+        assert all(torch.allclose(a, b, rtol=1e-2, atol=1e-3) for a, b in zip(*got))

@@ -15,7 +15,7 @@ from ._choices import Checksum
 from ._compat import swap_memory
 from ._errors import FreedTensorError, InvfuncError
 from ._explain import _reports
-from ._replay import AutocastState, RngState, Tracer, cuda_devices, sharded
+from ._replay import AutocastState, RngState, Tracer, cuda_devices, no_cast_cache, sharded
 from ._state import _TENSOR_SLOT, BlockState, _describe, _is_wrapped
 from ._storage import Freed, StorageHandle, _rebuild_guarded, free_reason, is_freed
 from ._verify import Fingerprint
@@ -185,7 +185,7 @@ def _run_forward(
 ) -> tuple[tuple[torch.Tensor, ...], bool, Pending | None]:
     """Run the block once under no_grad: (outputs, whether it returned one tensor, the
     output still to assemble, NOTE [Outputs in the memory of the input they replace])."""
-    with torch.no_grad():
+    with torch.no_grad(), no_cast_cache():
         if not block._section_outputs:
             with sections(block._sections[0]):
                 out = block._run(args, sections)

@@ -477,8 +477,26 @@ class AutocastState:
                 if torch.is_autocast_enabled(dev):
                     stack.enter_context(torch.autocast(dev, enabled=False))
             for dev, dtype in self.settings:
-                stack.enter_context(torch.autocast(dev, dtype=dtype))
+                # (no cache: see no_cast_cache; a replay's casts are made afresh)
+                stack.enter_context(torch.autocast(dev, dtype=dtype, cache_enabled=False))
             yield
+
+
+@contextlib.contextmanager
+def no_cast_cache() -> Iterator[None]:
+    """Autocast's cache of casts turned off for a region (the engine's forward under
+    no_grad): a cast made there has no graph, and torch 2.4 keeps it in the cache for the
+    rest of the autocast region, where the backward's recompute would read it and the
+    parameters behind it get no gradient (newer torch does not cache under no_grad)."""
+    if not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):
+        yield
+        return
+    old = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(old)
 
 
 # -- static discovery ---------------------------------------------------------------------
