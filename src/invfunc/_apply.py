@@ -135,7 +135,7 @@ class Sections:
         self.random = random  # a static block that draws random numbers
         self.rng: dict[str, RngState] = {}
         self.checksums: dict[str, list[Checksum | None]] = {}
-        self.exact: list[int] | None = None  # NOTE [Exact couplings], rule 6: the input's checksum
+        self.exact: list[float] | None = None  # NOTE [Exact couplings], rule 6: the input's checksum
 
     def __call__(self, name: str) -> AbstractContextManager[None]:
         if self.tracer is not None:

@@ -95,7 +95,7 @@ class BlockState:
     n_explicit: int
     captured: list[torch.Tensor]
     sections: dict[str, list[int]]
-    exact: list[int] | None  # NOTE [Exact couplings], rule 6
+    exact: list[float] | None  # NOTE [Exact couplings], rule 6
     rng: dict[str, RngState] | None
     autocast: AutocastState
     updates: set[int]
