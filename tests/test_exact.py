@@ -222,3 +222,16 @@ def test_backward_inside_its_own_autocast_region_reaches_every_parameter(exact: 
         assert all(torch.equal(a, b) for a, b in zip(*got))
     else:
         assert all(torch.allclose(a, b, rtol=1e-2, atol=1e-3) for a, b in zip(*got))
+
+
+def test_an_output_changed_in_place_is_rounded_again() -> None:
+    """NOTE [Exact couplings], rule 5: every exact coupling rounds its input, so an output
+    edited in place off the grid is put back on it by the next one, as a plain call does."""
+    blocks, _ = _net(2, torch.float32)
+    x = torch.randn(4, 8, requires_grad=True)
+    y = inv.invertible_call(blocks[0], x * 1.0)
+    with torch.no_grad():
+        y.add_(2.0**-20)  # off the grid now
+    z = inv.invertible_call(blocks[1], y)
+    assert torch.equal(z.detach(), blocks[1](y.detach()))  # the plain call rounds its input
+    assert torch.equal(z.detach(), _on_grid(z.detach(), 16))
