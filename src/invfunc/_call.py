@@ -145,10 +145,7 @@ def _call(
         # refill; freeing under them could hand autograd freed memory. Keep inputs instead.
         run_mode = "checkpoint"
         _kept_whole_call(fn, "saved-tensor hooks are active (e.g. inside torch.utils.checkpoint)")
-    keep_pos, keep_ids = _named_inputs(fn, args, keep, "keep")
-    free_pos, free_ids = _named_inputs(fn, args, free, "free")
-    if free_pos or free_ids:
-        _check_free(fn, args, keep_pos, keep_ids, free_pos, free_ids)
+    named = _Named(fn, args, keep, free)
     policy = current_policy()
     if verify is not None:
         policy = (check_policy(verify, f"invfunc.invertible_call({fn._name}, ..., verify=...)"), policy[1])
@@ -157,57 +154,95 @@ def _call(
         half = next((a.dtype for a in data if isinstance(a, torch.Tensor) and a.dtype in _HALF), None)
         if half is not None and not all(b._exact for b in fn._flatten()):  # (exact: no drift)
             run_mode = _half_stream(fn, half)
-
-    def keep_input(i: int, t: torch.Tensor) -> bool:
-        return i in keep_pos or id(t) in keep_ids
-
-    def keep_none(i: int, t: torch.Tensor) -> bool:
-        return id(t) in keep_ids
-
-    def free_leaf(i: int, t: torch.Tensor) -> bool:
-        return i in free_pos or id(t) in free_ids
-
-    arg_ids = {id(a) for a in args}
-
-    def inner_leaf(i: int, t: torch.Tensor) -> bool:
-        # A leaf between blocks was made inside the call (a block run as a plain call
-        # because nothing it reads requires grad), unless a block handed on one of the
-        # caller's own tensors unchanged (a one-sided coupling's second half).
-        return id(t) not in arg_ids
-
-    autocast = AutocastState()
     blocks, out, extras = fn._plan(args)
     modes = fn.block_modes() if isinstance(fn, Plan) else None  # None: every block in run_mode
-
-    def mode_of(k: int) -> str:  # (an "invertible" block of a plan runs in run_mode: rule 4)
-        return run_mode if modes is None or modes[k] == "invertible" else modes[k]
-
     if modes is None and not any(
-        free_leaf(i, a) and not a.requires_grad for i, a in enumerate(out) if isinstance(a, torch.Tensor)
+        named.free_leaf(i, a) and not a.requires_grad
+        for i, a in enumerate(out)
+        if isinstance(a, torch.Tensor)
     ):
         # (a split block first would read nothing that requires grad: a plain call, which
         # could not rebuild a batch named in free=; the couplings then take it themselves)
         blocks, extras = pairs_inside(blocks, extras, out)
     elif modes is None:
         blocks, extras = _leading_reads(blocks, extras)
+    # (an "invertible" block of a plan runs in run_mode: NOTE [A mode per block], rule 4)
+    block_modes = (
+        [run_mode] * len(blocks) if modes is None else [run_mode if m == "invertible" else m for m in modes]
+    )
+    out, total, first, labels = _run_blocks(blocks, out, extras, block_modes, run_mode, named, policy)
+    if block_modes[0] == "invertible" and first is not None:
+        free_call_inputs(first, args, named.keep_input, named.free_leaf)  # inputs lead the arguments
+    elif block_modes[0] == "plain":
+        _kept_whole_call(fn, "the plan runs its first block in mode 'plain' (ordinary autograd)")
+    elif run_mode == asked:  # (a call kept whole for a reason of its own reported it already)
+        report_kept(labels[0], args[: fn._n_data(args)], block_modes[0], named.keep_input, named.free_leaf)
+    return with_ladj(out, total) if fn._ladj is True else out
+
+
+class _Named:
+    """Which of a call's inputs ``keep=`` and ``free=`` name, and which leaves between
+    blocks the call made itself (NOTE [Freeing rules])."""
+
+    def __init__(
+        self,
+        fn: Invertible,
+        args: Sequence[Any],
+        keep: Sequence[int | torch.Tensor],
+        free: Sequence[int | torch.Tensor],
+    ) -> None:
+        self.keep_pos, self.keep_ids = _named_inputs(fn, args, keep, "keep")
+        self.free_pos, self.free_ids = _named_inputs(fn, args, free, "free")
+        if self.free_pos or self.free_ids:
+            _check_free(fn, args, self.keep_pos, self.keep_ids, self.free_pos, self.free_ids)
+        self.arg_ids = {id(a) for a in args}
+
+    def keep_input(self, i: int, t: torch.Tensor) -> bool:
+        return i in self.keep_pos or id(t) in self.keep_ids
+
+    def keep_none(self, i: int, t: torch.Tensor) -> bool:
+        return id(t) in self.keep_ids
+
+    def free_leaf(self, i: int, t: torch.Tensor) -> bool:
+        return i in self.free_pos or id(t) in self.free_ids
+
+    def inner_leaf(self, i: int, t: torch.Tensor) -> bool:
+        # A leaf between blocks was made inside the call (a block run as a plain call
+        # because nothing it reads requires grad), unless a block handed on one of the
+        # caller's own tensors unchanged (a one-sided coupling's second half).
+        return id(t) not in self.arg_ids
+
+
+def _run_blocks(
+    blocks: Sequence[Invertible],
+    out: Any,
+    extras: Sequence[tuple[Any, ...]],
+    modes: Sequence[str],
+    run_mode: str,
+    named: _Named,
+    policy: tuple[Any, float | None],
+) -> tuple[Any, torch.Tensor | None, Any, list[str]]:
+    """Each block as one node of the graph, in its mode: (the last block's output, the
+    sum of the log-dets, the state of the block that received the caller's inputs, the
+    blocks' labels)."""
     single = False
     state = first = None
     total: torch.Tensor | None = None
     labels = _labels(blocks)
+    autocast = AutocastState()
     # NOTE [Outputs in the memory of the input they replace]: inputs freed right after
     # their block (the caller's, in a call of one block; those between blocks) may lend
     # their memory to its output; apply_block decides as that freeing will
-    lend_first = free_leaf if len(blocks) == 1 else None
+    lend_first = named.free_leaf if len(blocks) == 1 else None
     for k, block in enumerate(blocks):
         cur = out if not single else (out,)
         if extras[k]:
             cur = (*cur, *extras[k])
-        label = labels[k]
         pre: tuple[Any, ...] = ()
         post: tuple[Any, ...] = ()
         if k > 0 and isinstance(block, At):  # NOTE [Acting at a position], rule 5
             pre, block, cur, post = block.unwrap(cur)
-        if mode_of(k) == "plain":  # ordinary autograd, inside the loop
+        if modes[k] == "plain":  # ordinary autograd, inside the loop
             res = block(*cur)
             single = isinstance(res, torch.Tensor)
             out, state = (res,) if single else res, None
@@ -215,15 +250,15 @@ def _call(
             out, single, state = apply_block(
                 block,
                 cur,
-                mode=mode_of(k),
+                mode=modes[k],
                 guard=k == 0,
-                keep=keep_input if k == 0 else keep_none,
+                keep=named.keep_input if k == 0 else named.keep_none,
                 autocast=autocast,
-                leaves=None if k == 0 else inner_leaf,
+                leaves=None if k == 0 else named.inner_leaf,
                 previous=state,
                 policy=policy,
-                label=label,
-                lend=None if run_mode != "invertible" else lend_first if k == 0 else inner_leaf,
+                label=labels[k],
+                lend=None if run_mode != "invertible" else lend_first if k == 0 else named.inner_leaf,
             )
         if k == 0:
             first = state  # the block that received the caller's inputs
@@ -235,13 +270,7 @@ def _call(
             out, single = (*pre, *out, *post), False
         if single:
             out = out[0]
-    if mode_of(0) == "invertible" and first is not None:
-        free_call_inputs(first, args, keep_input, free_leaf)  # inputs are the leading arguments
-    elif mode_of(0) == "plain":
-        _kept_whole_call(fn, "the plan runs its first block in mode 'plain' (ordinary autograd)")
-    elif run_mode == asked:  # (a call kept whole for a reason of its own reported it already)
-        report_kept(labels[0], args[: fn._n_data(args)], mode_of(0), keep_input, free_leaf)
-    return with_ladj(out, total) if fn._ladj is True else out
+    return out, total, first, labels
 
 
 _HALF = (torch.float16, torch.bfloat16)
