@@ -411,3 +411,17 @@ def test_free_batch_through_a_leading_parameterless_op() -> None:
     got = torch.autograd.grad(loss_of(out, flow), params)
     assert_all_close(got, want, **F64)
     torch.testing.assert_close(batch, x, **F64)  # refilled with the reconstruction
+
+
+def test_a_merged_leading_block_still_detects_a_train_eval_switch() -> None:
+    """The block that a leading squeeze joins (to free the batch) keeps its modules'
+    train/eval check: dropout switched off between forward and backward is refused."""
+    torch.manual_seed(0)
+    F = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).double()
+    flow = inv.chain(ops.reverse(), inv.couple(F))
+    batch = torch.randn(4, 4, dtype=torch.float64)
+    y = inv.invertible_call(flow, batch, free=[batch])
+    assert freed(batch)
+    F.eval()
+    with pytest.raises(inv.InvfuncError, match=r"switched between train and eval mode"):
+        y.sum().backward()

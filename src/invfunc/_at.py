@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from ._chain import Chain, with_ladj
 from ._core import Invertible, _name, split_ladj
 
@@ -74,6 +76,9 @@ class At(Invertible):
 
     def _learn(self, args: Sequence[Any], out: Any, n_data: int | None = None) -> None:
         pass  # its fn learns, as it runs
+
+    def _mode_dependent(self) -> list[torch.nn.Module]:
+        return self.fn._mode_dependent()
 
     def span(self, n: int) -> tuple[int, int]:
         """``(index, count)`` of the tensors ``fn`` takes out of ``n`` (rule 2)."""

@@ -105,6 +105,10 @@ class Chain(Invertible):
     def _flatten(self) -> list[Invertible]:
         return [leaf for b in self.blocks for leaf in b._flatten()]
 
+    def _mode_dependent(self) -> list[torch.nn.Module]:
+        # (a chain run as one block: NOTE [A batch freed through parameterless blocks])
+        return [m for b in self.blocks for m in b._mode_dependent()]
+
     def _n_data(self, args: Sequence[Any]) -> int:
         return self._data_count(self._flatten(), args)
 
