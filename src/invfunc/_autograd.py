@@ -247,6 +247,10 @@ def _block_backward(
             result = fused(state, outs, grads, explicit, captured, needs, own)
             if result is not None:  # (None: the block declined, for this call; the generic backward runs)
                 return result  # type: ignore[no-any-return]
+        elif fused is not None and getattr(block, "_fused_kept", False) and _fast_path(*outs, *grads):
+            # mode "checkpoint": a coupling's backward from its kept inputs, F and G one
+            # after the other (the generic one holds both recomputes' graphs at once)
+            return fused(state, outs, grads, explicit, captured, needs, own, kept=kept)  # type: ignore[no-any-return]
         if kept is None:
             data = rebuild(state, outs, explicit, captured)
             return _generic_vjp(state, data, explicit, captured, grads, needs)

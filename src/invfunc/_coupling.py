@@ -42,6 +42,7 @@ class Coupling(Invertible):
 
     _sections = ("F", "G")
     _section_outputs = True
+    _fused_kept = True  # its fused backward also serves mode "checkpoint", from the kept inputs
 
     def __init__(
         self,
@@ -342,8 +343,10 @@ class Coupling(Invertible):
         captured: Sequence[torch.Tensor],
         needs: Sequence[bool],
         own: Sequence[bool],
+        kept: Sequence[torch.Tensor] | None = None,
     ) -> list[torch.Tensor | None]:
-        """The RevNet backward: F and G evaluated once each, the input rebuilt on the way."""
+        """The RevNet backward: F and G evaluated once each, the input rebuilt on the way
+        (or, in mode "checkpoint", read from ``kept``: G's backward, then F's)."""
         n_data = state.n_data
         rest_needs = needs[n_data:]  # the per-call arguments' tensors, then the captured ones
         rest_grads: list[torch.Tensor | None] = [None] * len(rest_needs)
@@ -360,7 +363,13 @@ class Coupling(Invertible):
         x1_dst = x2_dst = None
         spare1 = None
         # NOTE [Kept inputs are used as they are]: not recomputed from the outputs
-        live = state.live_inputs() if fast and state.live else [None] * n_data
+        live = (
+            list(kept)
+            if kept is not None
+            else state.live_inputs()
+            if fast and state.live
+            else [None] * n_data
+        )
         if self.grid is not None:  # the forward ran on the kept input put on the grid
             live = [None if t is None else self.grid.round(t, "the input", check=False) for t in live]
         if n_data == 1:
