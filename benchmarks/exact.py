@@ -526,8 +526,7 @@ def plot(args: argparse.Namespace, rows: list[dict[str, Any]], path: Path) -> st
 
 def replot(path: Path) -> str:
     """Draw ``exact.png`` again from a saved ``exact.json`` (no run)."""
-    blob = json.loads(path.read_text())
-    return plot(argparse.Namespace(**blob["settings"]), blob["drift"], path.with_suffix(".png"))
+    return R.redraw(path, plot, "drift")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

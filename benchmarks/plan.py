@@ -419,8 +419,7 @@ def plot(args: argparse.Namespace, rows: list[dict[str, Any]], path: Path) -> st
 
 def replot(path: Path) -> str:
     """Draw ``plan.png`` again from a saved ``plan.json`` (no run)."""
-    blob = json.loads(path.read_text())
-    return plot(argparse.Namespace(**blob["settings"]), blob["results"], path.with_suffix(".png"))
+    return R.redraw(path, plot)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

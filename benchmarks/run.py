@@ -463,9 +463,13 @@ def _finite(value: Any) -> Any:
 
 def replot(path: Path) -> str:
     """Draw ``<workload>.png`` again from a saved ``<workload>.json`` (no run)."""
+    return redraw(path, plot)
+
+
+def redraw(path: Path, plot: Callable[[argparse.Namespace, Any, Path], str], key: str = "results") -> str:
+    """``plot`` again from a benchmark's saved JSON (its ``settings`` and ``key``), beside it."""
     blob = json.loads(path.read_text())
-    args = argparse.Namespace(**blob["settings"])
-    return plot(args, blob["results"], path.with_suffix(".png"))
+    return plot(argparse.Namespace(**blob["settings"]), blob[key], path.with_suffix(".png"))
 
 
 def replotted(argv: Sequence[str], replot: Callable[[Path], str]) -> bool:
