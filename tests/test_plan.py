@@ -516,3 +516,37 @@ def test_the_benchmark_runs_and_reports_the_plan(bench, tmp_path: Path) -> None:
     assert modes[2] != "invertible"  # the drifting block
     assert blob["plans"]["1"]["predicted_bytes"]["plan"] <= blob["plans"]["1"]["budget_bytes"]
     assert "| invfunc.plan " in (tmp_path / "plan.md").read_text()
+
+
+def _mlp4() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4)).double()
+
+
+def test_a_boundary_after_a_plain_block_is_freed_again_after_its_backward() -> None:
+    """A plain block's output, freed by the invertible block after it and refilled in that
+    block's backward, is freed again once that backward is done (no block of invfunc made
+    it, so no producer would; its producer, a Linear, saved none of it): the backward does
+    not hold it until the graph dies. (A producer that saved its result, as exp does, keeps
+    it: the every-mix test above runs one.)"""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8).double()
+    first = inv.invertible(
+        lambda x: lin(x), inverse=lambda y: torch.linalg.solve(lin.weight, (y - lin.bias).T).T
+    )
+    net = inv.chain(first, inv.couple(_mlp4(), _mlp4()), inv.couple(_mlp4(), _mlp4()))
+    p = inv.plan(net, modes=["plain", "invertible", "invertible"])
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    y = inv.invertible_call(p, x)
+    nodes, stack, seen = [], [y.grad_fn], set()
+    while stack:
+        n = stack.pop()
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        nodes += [n] if getattr(n, "state", None) is not None else []
+        stack.extend(f for f, _ in n.next_functions)
+    handles = [h for n in nodes for h in n.state.handles or () if h is not None]
+    assert len(handles) == 2 and all(h.freed for h in handles)
+    (g,) = torch.autograd.grad(y.sum(), x, retain_graph=True)
+    assert all(h.freed for h in handles)  # both again: the second by its producer, the first by itself
+    torch.testing.assert_close(g, torch.autograd.grad(net(x).sum(), x)[0], rtol=1e-10, atol=1e-12)

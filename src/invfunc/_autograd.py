@@ -149,6 +149,7 @@ class _BlockFunction(torch.autograd.Function):
         saved = _saved_tensors(ctx, state)
         try:
             result = _block_backward(state, saved, grads, ctx.needs_input_grad[1:], own)
+            state.release_unlinked()
         except Exception as e:
             raise _failed(state, e) from (e.__cause__ if isinstance(e, InvfuncError) else e)
         finally:

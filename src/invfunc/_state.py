@@ -358,6 +358,18 @@ class BlockState:
             ]
             self.handles = kept if any(h is not None for h in kept) else None
 
+    def release_unlinked(self) -> None:
+        """After this block's backward (building no graph), free again the inputs between
+        blocks that it refilled and that no block of this library produced (a block run in
+        mode "plain", or as a plain call): nobody outside the call can reach them, their
+        producer's backward does not read them (``reread``: it saved none of it), and no
+        one else would free them until the graph dies (NOTE [Releasing rebuilt boundaries])."""
+        if self.handles is None or torch.is_grad_enabled():
+            return
+        for h in self.handles:
+            if h is not None and h.tensor is None and not h.linked and not h.reread and not h.freed:
+                h.free(None)
+
     def restore_guards(self) -> None:
         """Finish refills written in place through :meth:`StorageHandle.view`."""
         for h in self.handles or ():

@@ -209,7 +209,18 @@ def free_reason(t: torch.Tensor, *, leaf_ok: bool = False) -> str | None:
 class StorageHandle:
     """A freed storage, with what is needed to refill it and to guard its tensor."""
 
-    __slots__ = ("__weakref__", "dtype", "linked", "nbytes", "size", "storage", "stride", "tensor", "version")
+    __slots__ = (
+        "__weakref__",
+        "dtype",
+        "linked",
+        "nbytes",
+        "reread",
+        "size",
+        "storage",
+        "stride",
+        "tensor",
+        "version",
+    )
 
     def __init__(self, t: torch.Tensor, guard: bool) -> None:
         self.storage = t.untyped_storage()
@@ -222,6 +233,8 @@ class StorageHandle:
         # dropped the tensor (the previous block's saved output shares that counter).
         self.tensor: torch.Tensor | None = t if guard else None
         self.linked = False  # registered with the block that produced the tensor
+        # its producer's backward may read it (a saved result, or a view): kept once refilled
+        self.reread = base_of(t) is not None or _producer_saves_result(t) is not False
 
     def free(self, rebuild: Callable[[], None] | None) -> None:
         if self.storage.nbytes() != 0:  # (none when its memory was moved to an output)
