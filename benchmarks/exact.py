@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import math
 import os
 import platform
@@ -547,14 +546,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.use_deterministic_algorithms(deterministic)
     text = report(args, rows, train, env)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / "exact"
-    stem.with_suffix(".md").write_text(text)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    blob = {"settings": settings, "environment": env, "drift": rows, "training": train}
-    stem.with_suffix(".json").write_text(json.dumps(R._finite(blob), indent=2, allow_nan=False) + "\n")
-    print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}", file=sys.stderr)
-    print(plot(args, rows, stem.with_suffix(".png")), file=sys.stderr)
+    blob = {"settings": R.settings(args), "environment": env, "drift": rows, "training": train}
+    R.save(args.out, "exact", text, blob, lambda png: plot(args, rows, png))
     bad = exact_failures(rows)
     if bad:
         print("exact variants NOT bitwise: " + "; ".join(bad), file=sys.stderr)

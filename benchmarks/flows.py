@@ -73,7 +73,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -575,14 +574,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.load.append(_load())
     text = report(args, rows)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / "flows"
-    stem.with_suffix(".md").write_text(text)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    blob = {"workload": "flows", "settings": settings, "environment": environment(args), "results": rows}
-    stem.with_suffix(".json").write_text(json.dumps(R._finite(blob), indent=2, allow_nan=False) + "\n")
-    print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}", file=sys.stderr)
-    print(plot(args, rows, stem.with_suffix(".png")), file=sys.stderr)
+    blob = {
+        "workload": "flows",
+        "settings": R.settings(args),
+        "environment": environment(args),
+        "results": rows,
+    }
+    R.save(args.out, "flows", text, blob, lambda png: plot(args, rows, png))
     bad = [r for r in rows if r["status"] == "error" or r.get("grads_match") is False]
     return 1 if bad else 0
 

@@ -436,10 +436,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.load.append(_load())
     text = report(args, rows)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / "plan"
-    stem.with_suffix(".md").write_text(text)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "plans"}
     plans = {
         str(d): {
             "modes": list(p.modes),
@@ -452,14 +448,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     blob = {
         "workload": "plan",
-        "settings": settings,
+        "settings": R.settings(args, skip=["plans"]),
         "environment": R.environment(argparse.Namespace(configs=[])),
         "plans": plans,
         "results": rows,
     }
-    stem.with_suffix(".json").write_text(json.dumps(R._finite(blob), indent=2, allow_nan=False) + "\n")
-    print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}", file=sys.stderr)
-    print(plot(args, rows, stem.with_suffix(".png")), file=sys.stderr)
+    R.save(args.out, "plan", text, blob, lambda png: plot(args, rows, png))
     bad = [
         r
         for r in rows

@@ -466,6 +466,22 @@ def replot(path: Path) -> str:
     return redraw(path, plot)
 
 
+def settings(args: argparse.Namespace, skip: Sequence[str] = ()) -> dict[str, Any]:
+    """The command line's settings as JSON can hold them (paths as strings)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in skip}
+
+
+def save(out: Path, name: str, text: str, blob: dict[str, Any], draw: Callable[[Path], str]) -> None:
+    """A benchmark's results under ``out``: the report as ``name.md``, ``blob`` as
+    ``name.json`` (non-finite numbers as strings) and ``draw``'s plot as ``name.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / name
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps(_finite(blob), indent=2, allow_nan=False) + "\n")
+    print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}", file=sys.stderr)
+    print(draw(stem.with_suffix(".png")), file=sys.stderr)
+
+
 def redraw(path: Path, plot: Callable[[argparse.Namespace, Any, Path], str], key: str = "results") -> str:
     """``plot`` again from a benchmark's saved JSON (its ``settings`` and ``key``), beside it."""
     blob = json.loads(path.read_text())
@@ -492,19 +508,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = run_all(args)
     text = report(args, rows)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / args.workload
-    stem.with_suffix(".md").write_text(text)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     blob = {
         "workload": args.workload,
-        "settings": settings,
+        "settings": settings(args),
         "environment": environment(args),
         "results": rows,
     }
-    stem.with_suffix(".json").write_text(json.dumps(_finite(blob), indent=2, allow_nan=False) + "\n")
-    print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}", file=sys.stderr)
-    print(plot(args, rows, stem.with_suffix(".png")), file=sys.stderr)
+    save(args.out, args.workload, text, blob, lambda png: plot(args, rows, png))
     bad = [r for r in rows if r["status"] == "error" or r.get("grads_match") is False]
     return 1 if bad else 0
 
