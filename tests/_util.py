@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import importlib.util
+import sys
+import types
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 
@@ -98,3 +103,20 @@ def saved_bytes(root: torch.Tensor) -> int:
             storages[s.data_ptr() or id(s)] = s.nbytes()
         stack.extend(fn for fn, _ in node.next_functions)
     return sum(storages.values())
+
+
+@contextlib.contextmanager
+def script(path: Path, prefix: str) -> Iterator[types.ModuleType]:
+    """The script at ``path`` (in a folder that is not a package: ``benchmarks/``,
+    ``examples/``) as a module named ``prefix_<stem>``; its folder is on ``sys.path``, for
+    the scripts it imports, while the context is open."""
+    folder = str(path.parent)
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(f"{prefix}_{path.stem}", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(folder)

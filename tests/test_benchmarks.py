@@ -5,49 +5,32 @@ from __future__ import annotations
 import doctest
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from _util import script
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def run():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with script(BENCH / "run.py", "bench") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 @pytest.fixture(scope="module")
 def exact():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_exact", BENCH / "exact.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with script(BENCH / "exact.py", "bench") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 @pytest.fixture(scope="module")
 def flows():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_flows", BENCH / "flows.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with script(BENCH / "flows.py", "bench") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def test_doctests(run):

@@ -3,29 +3,22 @@ tiny size, under plain autograd and under ``invertible_call``, and the two agree
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import invfunc as inv
+from _util import script
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def load(name: str):
     """The script ``examples/<name>.py`` as a module (``examples/`` is not a package)."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with script(EXAMPLES / f"{name}.py", "example") as module:
         return module
-    finally:
-        sys.path.remove(str(EXAMPLES))
 
 
 @pytest.fixture(scope="module")
