@@ -6,11 +6,9 @@ of the package's own walk); timing claims live in ``benchmarks/plan.py``, not he
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
-import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import invfunc as inv
-from _util import F64, assert_all_close, freed
+from _util import F64, assert_all_close, freed, script
 from invfunc import ops
 from invfunc._measure import measure
 from invfunc._plan import ORDER, BlockProfile, Input, Output, search, total_bytes
@@ -470,14 +468,8 @@ def test_the_table_names_blocks_modes_bytes_times_and_drift(measured) -> None:
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_plan", BENCH / "plan.py")
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    with script(BENCH / "plan.py", "bench") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 @pytest.mark.slow
