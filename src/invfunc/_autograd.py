@@ -288,7 +288,6 @@ def rebuild(
         got = state.block._rebuild(outs, state.merge_params(explicit))
     rebuilt = list(state.check_rebuilt(got))
     del got
-    state.check_drift(rebuilt)
     # NOTE [Rebuilt inputs moved, not copied]: the inverse's result is written into the
     # input's freed storage, and the block is then differentiated at that storage, not at
     # the result: both alive would be one activation more than the input itself. When the
@@ -296,7 +295,7 @@ def rebuild(
     # moved into the storage (a swap of data pointers: no copy, no fresh memory); else it
     # is copied, and let go. With create_graph the rebuilt inputs carry the graph that
     # gradients of gradients need, and are differentiated as they are.
-    state.refill(rebuilt, move=None if record else movable)
+    state.settle(rebuilt, move=None if record else movable)  # (its drift checked first)
     data = tuple(r if t is None else t for t, r in zip(live, rebuilt))
     del rebuilt
     if not record:  # with create_graph the rebuilt inputs hang on the outputs

@@ -16,7 +16,7 @@ from ._replay import mode_dependent, reread, static_reads
 from ._reuse import REUSE_MIN_BYTES, owned
 from ._state import BlockState, _is_wrapped
 from ._storage import _use_count
-from ._vjp import _fast_path, drop_if_unread, section_vjp
+from ._vjp import _fast_path, accumulate, drop_if_unread, section_vjp
 
 __all__ = ["Coupling", "couple"]
 
@@ -350,12 +350,6 @@ class Coupling(Invertible):
         n_data = state.n_data
         rest_needs = needs[n_data:]  # the per-call arguments' tensors, then the captured ones
         rest_grads: list[torch.Tensor | None] = [None] * len(rest_needs)
-
-        def add(pairs: list[tuple[int, torch.Tensor]]) -> None:
-            for i, g in pairs:
-                old = rest_grads[i]
-                rest_grads[i] = g if old is None else old + g
-
         handles = state.handles or [None] * n_data
         fast = _fast_path(*outs, *grads)
         if fast:  # plain tensors: views of them are cheaper to make
@@ -425,7 +419,7 @@ class Coupling(Invertible):
             cot = gy2.detach() if mine[1] else gy2  # an alias anything G's backward keeps shows up as
             g_y1_or_none, pairs = pull_g(cot)
             del pull_g, cot
-            add(pairs)
+            accumulate(rest_grads, pairs)
             del pairs
             if g_y1_or_none is None:  # G ignores y1
                 gz1 = gy1
@@ -456,7 +450,7 @@ class Coupling(Invertible):
         cot = gz1.detach() if mine[0] else gz1
         g_x2_or_none, pairs = pull_f(cot)
         del pull_f, cot
-        add(pairs)
+        accumulate(rest_grads, pairs)
         del pairs
         g_x2 = g_x2_or_none if g_x2_or_none is not None else torch.zeros_like(gy2)  # F ignores x2
         del g_x2_or_none

@@ -376,6 +376,14 @@ class BlockState:
             if h is not None:
                 h.refill()
 
+    def settle(
+        self, rebuilt: list[torch.Tensor], move: Callable[[list[torch.Tensor], int], bool] | None = None
+    ) -> None:
+        """The rebuilt inputs checked against the forward's fingerprints, then written into
+        their freed storages (:meth:`check_drift`, then :meth:`refill`)."""
+        self.check_drift(rebuilt)
+        self.refill(rebuilt, move)
+
     def refill(
         self, rebuilt: Sequence[torch.Tensor], move: Callable[[list[torch.Tensor], int], bool] | None = None
     ) -> None:

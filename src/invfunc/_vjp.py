@@ -13,7 +13,7 @@ from ._reuse import _MOVABLE_REFS, _refs_in
 from ._state import BlockState, _is_wrapped, _replay_region
 from ._storage import _use_count
 
-__all__ = ["block_vjp", "drop_if_unread", "section_vjp"]
+__all__ = ["accumulate", "block_vjp", "drop_if_unread", "section_vjp"]
 
 
 def _fast_path(*tensors: torch.Tensor) -> bool:
@@ -210,6 +210,14 @@ def section_vjp(
         return grads[0], [(i, gi) for i, gi in zip(wanted, grads[1:]) if gi is not None]
 
     return (outs[0] if n_out == 1 else outs), pullback
+
+
+def accumulate(into: list[torch.Tensor | None], pairs: Sequence[tuple[int, torch.Tensor]]) -> None:
+    """Add a section's ``(index, gradient)`` pairs (from :func:`section_vjp`'s pullback)
+    into ``into``: a tensor that several sections read (F and G) gets their sum."""
+    for i, g in pairs:
+        old = into[i]
+        into[i] = g if old is None else old + g
 
 
 # the engine call behind torch.autograd.grad, without its Python-side checks (~35 us a call)

@@ -88,9 +88,7 @@ class OwnParameters(Invertible):
         if live is None:
             rebuilt = [x]
             del x
-            state.check_drift(rebuilt)
-            if state.handles:
-                state.refill(rebuilt, move=movable)
+            state.settle(rebuilt, move=movable)
             del rebuilt
         state.release_output()
         return [g_x if needs[0] else None] + [g if n else None for g, n in zip(g_params, needs[1:])]

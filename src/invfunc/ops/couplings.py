@@ -15,7 +15,7 @@ from .._coupling import _sizes
 from .._replay import mode_dependent
 from .._reuse import movable
 from .._state import BlockState
-from .._vjp import _fast_path, section_vjp
+from .._vjp import _fast_path, accumulate, section_vjp
 from ._op import channel_dim, make_op, sum_per_sample
 
 __all__ = ["affine_coupling", "custom_coupling", "momentum_coupling"]
@@ -198,9 +198,7 @@ class _AffineBlock(Invertible):
         g_s = torch.mul(gy2, x2).mul_(e).add_(g_ladj) if fast else gy2 * x2 * e + g_ladj
         del x2
         if rebuilt:
-            state.check_drift(rebuilt)
-            if state.handles:
-                state.refill(rebuilt, move=movable if fast else None)
+            state.settle(rebuilt, move=movable if fast else None)
             del rebuilt
         del y2
         g_x1, pairs = pull((g_s, gy2))
@@ -215,8 +213,7 @@ class _AffineBlock(Invertible):
             g_x = torch.cat([gy1 if g_x1 is None else gy1 + g_x1, gy2 * e], d)
         del s, e, g_x1
         rest: list[torch.Tensor | None] = [None] * len(rest_needs)
-        for i, g in pairs:
-            rest[i] = g if rest[i] is None else rest[i] + g  # type: ignore[operator]
+        accumulate(rest, pairs)
         return [g_x if needs[0] else None] + [g if n else None for g, n in zip(rest, rest_needs)]
 
 
