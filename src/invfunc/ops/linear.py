@@ -251,8 +251,7 @@ class Conv1x1(_Channels):
         g_w = g_y.movedim(d, -1).reshape(-1, n).T @ x.movedim(d, -1).reshape(-1, n)
         g_logdet = g_ladj.sum() * _positions(y, d)
         got = torch.autograd.grad([w, logdet], params, [g_w, g_logdet.to(logdet.dtype)], allow_unused=True)
-        by_name = dict(zip((name for name, p in self.named_parameters() if p.requires_grad), got))
-        return x, g_x, _in_order(self, by_name)
+        return x, g_x, list(got)  # (in the order of ``params``: the parameters that require grad)
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = self._dim(y)
